@@ -1,0 +1,248 @@
+"""The boundary between Hydra/OmegaConf and the rest of the project.
+
+Configs arrive as `DictConfig`s composed by Hydra; everything past this module works with plain,
+typed dataclasses. `to_dataclass` does that conversion strictly: an unknown key fails with the list
+of valid ones, so a typo in an override never silently does nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from cramming.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+T = TypeVar("T")
+
+# ---------------------------------------------------------------------------------------------
+# Strict conversion of config nodes into dataclasses
+# ---------------------------------------------------------------------------------------------
+
+
+def to_container(node: Any) -> Any:
+    """Resolve interpolations and turn OmegaConf nodes into plain Python containers."""
+    if isinstance(node, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(node, resolve=True)
+    return node
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+        return to_dataclass(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        for arm in typing.get_args(tp):
+            if dataclasses.is_dataclass(arm) and isinstance(value, dict):
+                return to_dataclass(arm, value, where)
+        return value
+    if origin in (list, tuple) and isinstance(value, (list, tuple)):
+        args = typing.get_args(tp)
+        inner = args[0] if args else Any
+        items = [_convert(inner, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def to_dataclass(cls: type[T], node: Any, where: str = "") -> T:
+    """Build `cls` from a config node, rejecting keys that `cls` does not define.
+
+    `where` names the config group in messages (e.g. "arch"), so the user sees which override
+    to fix. Nested dataclass fields are converted recursively; validation of values is the job of
+    each dataclass's `__post_init__`.
+    """
+    values = to_container(node)
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"config '{where or cls.__name__}' must be a mapping, got {type(values).__name__}")
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown key(s) {', '.join(prefix + k for k in unknown)} for {cls.__name__}; "
+            f"valid keys are: {', '.join(names)}"
+        )
+    hints = typing.get_type_hints(cls)
+    kwargs = {k: _convert(hints.get(k, Any), v, f"{where}.{k}" if where else k) for k, v in values.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # e.g. a missing required field
+        raise ConfigError(f"invalid config for {where or cls.__name__}: {err}") from None
+
+
+def config_hash(obj: Any, length: int = 12) -> str:
+    """A short, stable hash of a (resolved) config, used to key caches and outputs."""
+    import hashlib
+    import json
+
+    if dataclasses.is_dataclass(obj):
+        obj = dataclasses.asdict(obj)
+    text = json.dumps(to_container(obj), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+# ---------------------------------------------------------------------------------------------
+# Budgets
+# ---------------------------------------------------------------------------------------------
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_BUDGET_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([smhd]?)\s*$", re.IGNORECASE)
+BUDGET_FORMS = "a number with a unit s, m, h or d (e.g. 24h, 90m, 45s, 1.5h, 1d), or a bare number of hours (e.g. 24)"
+
+
+def parse_budget(value: str | int | float) -> float:
+    """Parse a wall-clock budget into seconds.
+
+    A bare number means hours, as budgets are quoted in the Cramming paper ("24 hours").
+    """
+    if isinstance(value, bool):
+        raise ConfigError(f"budget={value!r} is not a duration; use {BUDGET_FORMS}")
+    if isinstance(value, (int, float)):
+        seconds = float(value) * 3600.0
+    else:
+        match = _BUDGET_RE.match(str(value))
+        if match is None:
+            raise ConfigError(f"budget={value!r} is not a duration; use {BUDGET_FORMS}")
+        number, unit = match.groups()
+        seconds = float(number) * _UNITS[(unit or "h").lower()]
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ConfigError(f"budget={value!r} must be a positive duration; use {BUDGET_FORMS}")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """Human-readable duration, e.g. 86400 -> '24h00m00s'."""
+    seconds = max(0.0, float(seconds))
+    h, rem = divmod(int(round(seconds)), 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU profiles
+# ---------------------------------------------------------------------------------------------
+
+Precision = Literal["fp32", "bf16", "fp16"]
+PROFILE_DIR = CONFIG_DIR / "gpu"
+
+
+@dataclass
+class GpuProfile:
+    """What the trainer needs to know about the device it runs on."""
+
+    name: str = "cpu"
+    """Profile name (a file in configs/gpu/)."""
+    match: list[str] = field(default_factory=list)
+    """Substrings of `torch.cuda.get_device_name()` that select this profile under gpu=auto."""
+    device: Literal["cpu", "cuda"] = "cpu"
+    """Torch device type."""
+    micro_batch_size: int = 32
+    """Sequences per forward/backward pass (the largest that fits at 128 tokens for crammed-bert)."""
+    target_batch_size: int = 256
+    """Sequences per optimizer step reached by the batch ramp (accumulated micro-batches)."""
+    precision: Precision = "fp32"
+    """fp16 (autocast + loss scaling, for Turing which lacks bf16), bf16 (Ampere and later), or fp32."""
+    compile: bool = False
+    """Wrap the model in torch.compile."""
+    memory_gb: float | None = None
+    """Device memory of the reference card; used to emulate it on a larger GPU in benchmarks."""
+    peak_tflops: float | None = None
+    """Dense peak tensor TFLOP/s at `precision`, the denominator of model FLOPs utilisation."""
+    num_workers: int = 2
+    """DataLoader worker processes."""
+
+    def __post_init__(self) -> None:
+        if self.micro_batch_size < 1:
+            raise ConfigError(f"gpu.micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        if self.target_batch_size < self.micro_batch_size:
+            raise ConfigError(
+                f"gpu.target_batch_size ({self.target_batch_size}) must be >= gpu.micro_batch_size "
+                f"({self.micro_batch_size})"
+            )
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"gpu.precision must be one of fp32, bf16, fp16; got {self.precision!r}")
+        if self.device not in ("cpu", "cuda"):
+            raise ConfigError(f"gpu.device must be cpu or cuda; got {self.device!r}")
+        if self.num_workers < 0:
+            raise ConfigError(f"gpu.num_workers must be >= 0, got {self.num_workers}")
+
+
+def available_profiles() -> list[str]:
+    """Names of the shipped GPU profiles, `auto` excluded."""
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml") if p.stem != "auto")
+
+
+def load_profile(name: str) -> GpuProfile:
+    """Load a shipped profile by name; unknown names list the valid ones."""
+    path = PROFILE_DIR / f"{name}.yaml"
+    if name == "auto" or not path.is_file():
+        raise ConfigError(f"unknown GPU profile {name!r}; choose one of: auto, {', '.join(available_profiles())}")
+    return to_dataclass(GpuProfile, OmegaConf.load(path), "gpu")
+
+
+def detect_profile_name() -> str:
+    """Pick the shipped profile matching the visible CUDA device, or `cpu` without one.
+
+    An unlisted GPU gets the closest profile by memory size, with bf16 only where supported, so
+    a new card works out of the box (the user may still tune micro_batch_size).
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    device_name = torch.cuda.get_device_name(0).lower()
+    profiles = [load_profile(n) for n in available_profiles()]
+    for profile in profiles:
+        if any(m.lower() in device_name for m in profile.match):
+            return profile.name
+    memory_gb = torch.cuda.get_device_properties(0).total_memory / 2**30
+    bf16 = torch.cuda.is_bf16_supported()
+    candidates = [
+        p for p in profiles
+        if p.device == "cuda" and (p.memory_gb or 0) <= memory_gb * 1.05 and (bf16 or p.precision != "bf16")
+    ]
+    if not candidates:
+        return "rtx2080ti" if not bf16 else "rtxa4000"
+    return max(candidates, key=lambda p: p.memory_gb or 0).name
+
+
+def resolve_gpu(node: Any) -> GpuProfile:
+    """Turn the composed `gpu` group into a profile, resolving `auto` by device detection.
+
+    With `gpu=auto`, fields the user overrode (non-null in the node) win over the detected
+    profile's, so `gpu.micro_batch_size=64` works together with auto-detection.
+    """
+    values = to_container(node) or {}
+    name = values.get("name", "auto")
+    if name != "auto":
+        return to_dataclass(GpuProfile, values, "gpu")
+    detected = dataclasses.asdict(load_profile(detect_profile_name()))
+    overrides = {k: v for k, v in values.items() if k != "name" and v is not None}
+    return to_dataclass(GpuProfile, {**detected, **overrides}, "gpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# Top-level run settings
+# ---------------------------------------------------------------------------------------------
+
+STAGE_GROUPS = ("gpu", "arch", "data", "train", "glue")
+
+
+def run_settings(cfg: DictConfig) -> dict[str, Any]:
+    """The top-level keys of the composed config that are not config groups or Hydra's own."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(plain, dict)
+    return {k: v for k, v in plain.items() if k not in STAGE_GROUPS and k != "hydra"}
