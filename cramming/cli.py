@@ -8,6 +8,7 @@ folders work as Hydra users expect. `report` and `bench` take paths and flags, s
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Callable
 
@@ -62,20 +63,25 @@ def _run_hydra_stage(stage: str, argv: list[str]) -> None:
     import hydra
     from omegaconf import DictConfig
 
-    from cramming.config import CONFIG_DIR
+    from cramming.config import CONFIG_DIR, parse_budget
 
     module, function, _ = HYDRA_STAGES[stage]
 
     @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
     def entry(cfg: DictConfig) -> None:
-        target = _load(stage, module, function)
         try:
+            # Validate settings every stage shares before importing (and possibly building) anything.
+            parse_budget(cfg.budget)
+            target = _load(stage, module, function)
             target(cfg)
         except CrammingError as err:
             _report_user_error(stage, err)
 
-    # Hydra reads sys.argv; the job name picks the stage's output folder (outputs/<stage>/...).
-    sys.argv = [f"cram {stage}", *argv, f"hydra.job.name={stage}"]
+    # Hydra reads sys.argv. The job name, which picks the output folder outputs/<stage>/..., comes
+    # from this variable (see config.yaml) rather than an extra override, which argparse would
+    # reject when the user's overrides and flags such as `--cfg job` are interleaved.
+    os.environ["CRAM_STAGE"] = stage
+    sys.argv = [f"cram {stage}", *argv]
     entry()
 
 

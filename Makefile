@@ -1,0 +1,51 @@
+# cramming: common tasks. Every target sets itself up (virtual environment + install) first.
+#   make demo       the whole pipeline on the embedded corpus (CPU is fine, ~15 minutes on 2 cores)
+#   make test       the test suite (fast tests; `make test-slow`, `make test-gpu` for the rest)
+#   make reproduce  the paper's pipeline: C4, 24h budget, crammed-bert, GLUE (needs a GPU and network)
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+# Use the active virtual environment if there is one, else create .venv here.
+ifdef VIRTUAL_ENV
+VENV := $(VIRTUAL_ENV)
+else
+VENV := .venv
+endif
+PY := $(VENV)/bin/python
+CRAM := $(VENV)/bin/cram
+STAMP := $(VENV)/.cramming-installed
+# torch is installed before the project so that the project's `torch>=2.4` never pulls a second,
+# multi-GB build. Override for a specific CUDA build, e.g. TORCH_SPEC="torch --index-url ...".
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: help install test test-slow test-gpu lint demo reproduce bench clean
+
+help:
+	@echo "targets: install test test-slow test-gpu lint demo reproduce bench clean"
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(PY)
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(PY) -m pytest -q
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
+
+test-gpu: install
+	$(PY) -m pytest -q -m gpu
+
+lint: install
+	$(VENV)/bin/ruff check cramming tests scripts
+
+clean:
+	rm -rf outputs multirun .pytest_cache .ruff_cache

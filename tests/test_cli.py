@@ -1,0 +1,73 @@
+"""The `cram` command as a user types it: help, resolved config, and clear errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+
+def cram(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run([sys.executable, "-m", "cramming.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_top_level_help_lists_stages(tmp_path):
+    out = cram("--help", cwd=tmp_path)
+    assert out.returncode == 0
+    for stage in ("data", "pretrain", "glue", "report", "bench"):
+        assert stage in out.stdout
+
+
+def test_no_stage_is_an_error(tmp_path):
+    out = cram(cwd=tmp_path)
+    assert out.returncode == 2 and "usage" in out.stdout
+
+
+def test_unknown_stage(tmp_path):
+    out = cram("train", cwd=tmp_path)
+    assert out.returncode == 2 and "unknown stage 'train'" in out.stderr
+
+
+def test_stage_help_lists_groups_and_choices(tmp_path):
+    out = cram("pretrain", "--help", cwd=tmp_path)
+    assert out.returncode == 0
+    assert "gpu: a100, auto, cpu, h100, rtx2080ti, rtxa4000, rtxa6000" in out.stdout
+    for group in ("arch:", "data:", "train:", "glue:"):
+        assert group in out.stdout
+    assert "cram pretrain budget=24h" in out.stdout
+
+
+def test_cfg_job_prints_resolved_rtx2080ti_profile(tmp_path):
+    out = cram("pretrain", "--cfg", "job", "budget=24h", "gpu=rtx2080ti", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    cfg = yaml.safe_load(out.stdout)
+    assert cfg["gpu"]["micro_batch_size"] == 96
+    assert cfg["gpu"]["precision"] == "fp16"
+    assert cfg["gpu"]["target_batch_size"] == 4032
+    assert cfg["budget"] == "24h"
+
+
+def test_bad_budget_names_accepted_forms(tmp_path):
+    out = cram("pretrain", "budget=banana", cwd=tmp_path)
+    assert out.returncode != 0
+    assert "banana" in out.stderr and "24h" in out.stderr and "90m" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_unknown_group_option_is_rejected(tmp_path):
+    out = cram("pretrain", "gpu=gtx480", "--cfg", "job", cwd=tmp_path)
+    assert out.returncode != 0
+    assert "gtx480" in out.stderr
+
+
+@pytest.mark.parametrize("stage", ["report", "bench"])
+def test_argparse_stages_have_help(tmp_path, stage):
+    out = cram(stage, "--help", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "usage" in out.stdout.lower()
