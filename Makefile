@@ -47,5 +47,15 @@ test-gpu: install
 lint: install
 	$(VENV)/bin/ruff check cramming tests scripts
 
+# The paper's pipeline. Variables: BUDGET, GPU, DATA, SEED; DRY_RUN=1 prints the commands only;
+# SKIP_CHECKS=1 runs even when the GPU/disk/network checks fail. Re-running continues a stopped run.
+BUDGET ?= 24h
+GPU ?= auto
+DATA ?= c4-filtered
+SEED ?= 0
+reproduce: install
+	PATH="$(VENV)/bin:$$PATH" $(PY) scripts/reproduce.py --budget $(BUDGET) --gpu $(GPU) --data $(DATA) --seed $(SEED) \
+		$(if $(DRY_RUN),--dry-run) $(if $(SKIP_CHECKS),--skip-checks)
+
 clean:
 	rm -rf outputs multirun .pytest_cache .ruff_cache
