@@ -1,0 +1,710 @@
+"""`cram report RUN_DIR [RUN_DIR ...]`: tables and plots for pretraining and GLUE runs.
+
+A run folder is a pretraining run (`metrics.jsonl`, `summary.json`, `.hydra/config.yaml`, `final/`),
+a GLUE run (`results.json`, `results.md`), or a folder holding such runs one level down (e.g. a demo
+folder with `pretrain/` and `glue/`); the formats are those of docs/design.md. A GLUE run found
+beside a pretraining run is attached to it when its checkpoint is that run's `final/` (or when the
+folder holds exactly one of each).
+
+One run: resolved config, hardware, budget used, tokens seen, throughput, final and held-out MLM
+loss, loss-vs-time and LR/batch-vs-time plots, and the GLUE table beside the paper's published rows.
+Several runs: a comparison table (with the config keys that differ between them), overlaid loss
+and schedule curves, the GLUE rows side by side, then one section per run.
+
+Writes `report.md` and PNGs into `--out` (default: the run folder for one run, else
+`outputs/report/<name or timestamp>`) and prints a short summary. Reading is tolerant: optional
+fields that are missing are shown as "n/a", a run still in progress (no summary.json yet) is
+reported from its metrics. Folders that are not runs raise `ReportError`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from cramming.errors import CrammingError
+
+# Columns of the paper's GLUE table: (label, task, metric key in that task's medians). MNLI's matched
+# and mismatched accuracies are both columns; the average is their plain mean (see glue.metrics).
+GLUE_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("MNLI-m", "mnli", "matched_accuracy"),
+    ("MNLI-mm", "mnli", "mismatched_accuracy"),
+    ("QQP", "qqp", "f1"),
+    ("QNLI", "qnli", "accuracy"),
+    ("SST-2", "sst2", "accuracy"),
+    ("CoLA", "cola", "mcc"),
+    ("STS-B", "stsb", "spearman"),
+    ("MRPC", "mrpc", "f1"),
+    ("RTE", "rte", "accuracy"),
+)
+
+# Published GLUE dev scores, copied from RECIPE.md (section 1, "GLUE"), the project's distillation of
+# the Cramming paper. Only figures stated there are filled in; the rest stay blank, never recalled.
+PUBLISHED_ROWS: tuple[tuple[str, dict[str, float]], ...] = (
+    ("published: BERT-base, original checkpoint (Cramming paper)", {"Avg": 80.9}),
+    ("published: crammed BERT, 24 h on one A6000 (Cramming paper v1, median of 5)", {"Avg": 78.6}),
+    ("published: crammed BERT, reference repo's later checkpoint (best of 5)",
+     {"MNLI-m": 84.1, "MNLI-mm": 84.6, "QQP": 87.5, "QNLI": 90.2, "SST-2": 92.0, "CoLA": 53.3,
+      "STS-B": 87.4, "MRPC": 88.9, "RTE": 58.5, "Avg": 80.7}),
+)
+
+# Official GLUE training-set sizes (rows), to flag runs on subsets: their scores are not comparable.
+OFFICIAL_TRAIN_ROWS = {"cola": 8551, "sst2": 67349, "mrpc": 3668, "stsb": 5749, "qqp": 363846,
+                       "mnli": 392702, "qnli": 104743, "rte": 2490}
+
+# Key values shown per config group (others are in the full config at the end of the report).
+KEY_FIELDS = {
+    "arch": ("hidden_size", "num_layers", "num_heads", "intermediate_size", "vocab_size", "max_seq_len",
+             "ffn", "norm_position", "attention_backend"),
+    "train": ("lr", "lr_schedule", "warmup_fraction", "target_batch_size", "ramp_fraction", "mask_rate",
+              "budget_kind", "grad_clip", "weight_decay"),
+    "data": ("source", "tokenizer", "vocab_size", "seq_len", "compression_filter", "sorting", "lowercase"),
+    "gpu": ("device", "micro_batch_size", "target_batch_size", "precision", "compile"),
+}
+NA = "n/a"
+
+
+class ReportError(CrammingError):
+    """A folder given to `cram report` is missing, not a run, or unreadable."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading runs
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PretrainRun:
+    """What a pretraining run folder holds."""
+
+    path: Path
+    config: dict[str, Any]
+    """`.hydra/config.yaml` as plain containers ({} when absent)."""
+    records: list[dict[str, Any]]
+    """Training log records of metrics.jsonl (no eval records)."""
+    evals: list[dict[str, Any]]
+    """Eval records (`"event": "eval"`, with `val_loss`)."""
+    summary: dict[str, Any]
+    """summary.json ({} while the run is unfinished)."""
+    bad_lines: int = 0
+    """metrics.jsonl lines that were not JSON (e.g. a line cut by a crash)."""
+
+    @property
+    def exported(self) -> bool:
+        return (self.path / "final" / "model.safetensors").is_file()
+
+
+@dataclass
+class GlueRun:
+    """What a GLUE run folder holds."""
+
+    path: Path
+    results: dict[str, Any]
+
+
+@dataclass
+class Run:
+    """One row of the report: a pretraining run, its GLUE results, or both."""
+
+    label: str
+    path: Path
+    pretrain: PretrainRun | None = None
+    glue: GlueRun | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _is_pretrain(path: Path) -> bool:
+    return (path / "metrics.jsonl").is_file() or (path / "summary.json").is_file()
+
+
+def _is_glue(path: Path) -> bool:
+    return (path / "results.json").is_file()
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ReportError(f"{path} is unreadable ({err}); re-run the stage that writes it") from None
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    cfg_path = path / ".hydra" / "config.yaml"
+    if not cfg_path.is_file():
+        return {}
+    from omegaconf import OmegaConf
+
+    try:
+        # resolve=False: the file keeps interpolations such as ${now:...}; shown as written.
+        cfg = OmegaConf.to_container(OmegaConf.load(cfg_path), resolve=False)
+    except Exception as err:  # a broken YAML file is the user's; report it instead of a traceback
+        raise ReportError(f"{cfg_path} is not valid YAML ({err})") from None
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def read_pretrain(path: Path) -> PretrainRun:
+    """Read a pretraining run folder (metrics.jsonl, summary.json, .hydra/config.yaml)."""
+    records, evals, bad = [], [], 0
+    metrics = path / "metrics.jsonl"
+    if metrics.is_file():
+        for line in metrics.read_text(encoding="utf-8", errors="replace").splitlines():
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                bad += 1
+                continue
+            if not isinstance(rec, dict):
+                bad += 1
+            elif rec.get("event") == "eval":
+                evals.append(rec)
+            elif rec.get("event") is None:
+                records.append(rec)
+    summary = _read_json(path / "summary.json") if (path / "summary.json").is_file() else {}
+    return PretrainRun(path, _read_config(path), records, evals, summary if isinstance(summary, dict) else {}, bad)
+
+
+def read_glue(path: Path) -> GlueRun:
+    """Read a GLUE run folder (results.json)."""
+    results = _read_json(path / "results.json")
+    if not isinstance(results, dict) or not isinstance(results.get("tasks", {}), dict):
+        raise ReportError(f"{path / 'results.json'} does not hold GLUE results (no 'tasks' mapping)")
+    return GlueRun(path, results)
+
+
+def _same_path(a: str | Path, b: Path) -> bool:
+    try:
+        return Path(a).expanduser().resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def discover(path: str | Path) -> list[Run]:
+    """The runs in `path`: the folder itself, or the runs one level below it."""
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise ReportError(f"{root}: no such folder. Pass a pretraining run (outputs/pretrain/<run>), "
+                          "a GLUE run (outputs/glue/<run>) or a folder holding them")
+    if not root.is_dir():
+        raise ReportError(f"{root} is a file; pass a run folder (it holds metrics.jsonl/summary.json or results.json)")
+    if _is_pretrain(root) or _is_glue(root):
+        return [Run(root.name, root, read_pretrain(root) if _is_pretrain(root) else None,
+                    read_glue(root) if _is_glue(root) else None)]
+    children = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    pretrains = [read_pretrain(p) for p in children if _is_pretrain(p)]
+    glues = [read_glue(p) for p in children if _is_glue(p)]
+    if not pretrains and not glues:
+        raise ReportError(
+            f"{root} is not a run folder: expected metrics.jsonl or summary.json (a pretraining run) or "
+            "results.json (a GLUE run) in it or in one of its subfolders"
+        )
+    if len(pretrains) <= 1 and len(glues) <= 1:
+        # A demo/reproduce folder (pretrain/ + glue/, or one of them): one run, named after the folder.
+        return [Run(root.name, root, pretrains[0] if pretrains else None, glues[0] if glues else None)]
+    runs = [Run(p.path.name, p.path, p) for p in pretrains]
+    for g in glues:
+        ckpt = str(g.results.get("checkpoint", {}).get("path", ""))
+        owner = next((r for r in runs if ckpt and r.pretrain and _same_path(ckpt, r.path / "final")), None)
+        if owner is not None and owner.glue is None:
+            owner.glue = g
+        else:
+            runs.append(Run(g.path.name, g.path, glue=g))
+    return runs
+
+
+def _unique_labels(runs: list[Run]) -> None:
+    """Give runs with the same folder name longer labels (parent/name), so tables stay readable."""
+    for depth in range(1, 6):
+        labels = ["/".join(r.path.resolve().parts[-depth:]) for r in runs]
+        if len(set(labels)) == len(labels):
+            for r, label in zip(runs, labels, strict=True):
+                r.label = label
+            return
+    for i, r in enumerate(runs, 1):
+        r.label = f"{r.label} #{i}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Formatting
+# --------------------------------------------------------------------------------------------------
+
+
+def _num(x: Any) -> float | None:
+    if isinstance(x, bool) or x is None:
+        return None
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def fmt_int(x: Any) -> str:
+    v = _num(x)
+    return NA if v is None else f"{round(v):,}"
+
+
+def fmt_float(x: Any, digits: int = 4) -> str:
+    v = _num(x)
+    return NA if v is None else f"{v:.{digits}f}"
+
+
+def fmt_tokens(x: Any) -> str:
+    """12,345,678 (12.3M): exact and readable."""
+    v = _num(x)
+    if v is None:
+        return NA
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if v >= scale:
+            return f"{round(v):,} ({v / scale:.1f}{unit})"
+    return f"{round(v):,}"
+
+
+def fmt_duration(seconds: Any) -> str:
+    v = _num(seconds)
+    if v is None:
+        return NA
+    s = round(v)
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    if h:
+        return f"{h}h {m:02d}m {sec:02d}s"
+    return f"{m}m {sec:02d}s" if m else f"{v:.1f}s"
+
+
+def fmt_mfu(x: Any, device: Any = None) -> str:
+    v = _num(x)
+    if v is None:
+        return "n/a (CPU)" if device == "cpu" else NA
+    return f"{100 * v:.1f}%"
+
+
+def fmt_score(x: Any) -> str:
+    v = _num(x)
+    return "" if v is None else f"{v:.1f}"
+
+
+def _cell(x: Any) -> str:
+    text = NA if x is None else (json.dumps(x) if isinstance(x, (list, dict)) else str(x))
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: list[str], rows: list[list[Any]], align_right: set[int] | None = None) -> list[str]:
+    align_right = align_right or set()
+    out = ["| " + " | ".join(header) + " |",
+           "|" + "|".join(" ---: " if i in align_right else " --- " for i in range(len(header))) + "|"]
+    out += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Derived values
+# --------------------------------------------------------------------------------------------------
+
+
+def _last(records: list[dict[str, Any]], key: str) -> Any:
+    return next((r[key] for r in reversed(records) if r.get(key) is not None), None)
+
+
+def pretrain_stats(run: PretrainRun) -> dict[str, Any]:
+    """The numbers of the training table, from summary.json, else from the metrics log."""
+    s, recs = run.summary, run.records
+    cfg = run.config
+    elapsed = s.get("elapsed_s", _last(recs, "elapsed_s"))
+    budget_s = s.get("budget_s")
+    if budget_s is None:
+        budget_s = _budget_seconds(cfg.get("budget"))
+    used = (_num(elapsed) / _num(budget_s)) if _num(elapsed) is not None and _num(budget_s) else None
+    return {
+        "budget": cfg.get("budget"),
+        "budget_s": budget_s,
+        "elapsed_s": elapsed,
+        "budget_used": used,
+        "steps": s.get("steps", _last(recs, "step")),
+        "tokens_seen": s.get("tokens_seen", _last(recs, "tokens_seen")),
+        "tokens_per_s": s.get("tokens_per_s", _last(recs, "tokens_per_s")),
+        "mfu": s.get("mfu", _last(recs, "mfu")),
+        "final_loss": s.get("final_loss", _last(recs, "loss")),
+        "val_loss": s.get("val_loss", _last(run.evals, "val_loss")),
+        "device": s.get("device"),
+        "gpu_profile": s.get("gpu_profile", (cfg.get("gpu") or {}).get("name")),
+        "precision": s.get("precision", (cfg.get("gpu") or {}).get("precision")),
+        "compile": s.get("compile", (cfg.get("gpu") or {}).get("compile")),
+        "skipped_steps": s.get("skipped_steps", _last(recs, "skipped_steps")),
+        "complete": bool(s),
+    }
+
+
+def _budget_seconds(budget: Any) -> float | None:
+    """Budget in seconds from the config string, with the project's parser when it accepts it."""
+    if budget is None:
+        return None
+    from cramming.config import parse_budget
+
+    try:
+        return parse_budget(budget)
+    except CrammingError:  # an unparsable budget only costs the "budget used" cell
+        return None
+
+
+def glue_columns(results: dict[str, Any]) -> tuple[dict[str, float | None], float | None, float | None]:
+    """(columns, GLUE average, mean of the columns that ran) of a results.json."""
+    glue = results.get("glue") or {}
+    columns = glue.get("columns")
+    if not isinstance(columns, dict):
+        medians = {name: t.get("median") or {} for name, t in results.get("tasks", {}).items()}
+        columns = {label: medians.get(task, {}).get(key) for label, task, key in GLUE_COLUMNS}
+    present = [v for v in (_num(columns.get(c)) for c, _, _ in GLUE_COLUMNS) if v is not None]
+    average = glue.get("average")
+    if average is None and "average" not in glue and len(present) == len(GLUE_COLUMNS):
+        average = sum(present) / len(present)
+    mean_run = glue.get("mean_of_columns_run", sum(present) / len(present) if present else None)
+    return columns, _num(average), _num(mean_run)
+
+
+def is_subset(results: dict[str, Any]) -> bool:
+    """Whether any task ran on fewer training rows than the official GLUE set (or was subsampled)."""
+    cfg = results.get("config") or {}
+    if cfg.get("max_train_examples") or cfg.get("max_eval_examples"):
+        return True
+    for name, task in results.get("tasks", {}).items():
+        train = _num((task.get("examples") or {}).get("train"))
+        if train is not None and name in OFFICIAL_TRAIN_ROWS and train < OFFICIAL_TRAIN_ROWS[name]:
+            return True
+    return False
+
+
+def _flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(cfg, dict):
+        return {prefix: cfg}
+    out: dict[str, Any] = {}
+    for k, v in cfg.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def config_differences(runs: list[Run]) -> dict[str, list[Any]]:
+    """Config keys (arch/train/data/gpu/budget/seed) whose values differ between the runs."""
+    flats = [_flatten({k: v for k, v in (r.pretrain.config if r.pretrain else {}).items()
+                       if k in ("arch", "train", "data", "gpu", "budget", "seed")}) for r in runs]
+    keys = sorted({k for f in flats for k in f})
+    return {k: [f.get(k) for f in flats] for k in keys
+            if len({json.dumps(f.get(k), sort_keys=True, default=str) for f in flats}) > 1}
+
+
+# --------------------------------------------------------------------------------------------------
+# Plots (Agg canvas only: no display, no global pyplot state)
+# --------------------------------------------------------------------------------------------------
+
+
+def _figure(rows: int = 1, height: float = 4.0):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, height * rows))
+    FigureCanvasAgg(fig)
+    axes = [fig.add_subplot(rows, 1, i + 1) for i in range(rows)]
+    return fig, axes
+
+
+def _time_axis(runs: list[PretrainRun]) -> tuple[float, str]:
+    longest = max((_num(r.get("elapsed_s")) or 0.0 for p in runs for r in [*p.records, *p.evals]), default=0.0)
+    return (3600.0, "hours") if longest > 3 * 3600 else (60.0, "minutes")
+
+
+def plot_loss(runs: list[tuple[str, PretrainRun]], path: Path) -> Path | None:
+    """Training MLM loss (lines) and held-out loss (markers) against wall-clock time; None if no data."""
+    series = [(label, run) for label, run in runs if any(_num(r.get("loss")) is not None for r in run.records)]
+    if not series:
+        return None
+    scale, unit = _time_axis([run for _, run in series])
+    fig, (ax,) = _figure()
+    for label, run in series:
+        pts = [(r["elapsed_s"] / scale, r["loss"]) for r in run.records
+               if _num(r.get("elapsed_s")) is not None and _num(r.get("loss")) is not None]
+        line, = ax.plot(*zip(*pts, strict=True), label=f"{label} (train)" if len(series) > 1 else "train MLM loss")
+        evals = [(r["elapsed_s"] / scale, r["val_loss"]) for r in run.evals
+                 if _num(r.get("elapsed_s")) is not None and _num(r.get("val_loss")) is not None]
+        if evals:
+            ax.plot(*zip(*evals, strict=True), "o--", color=line.get_color(),
+                    label=f"{label} (held-out)" if len(series) > 1 else "held-out MLM loss")
+    ax.set_xlabel(f"wall-clock {unit}")
+    ax.set_ylabel("MLM loss")
+    ax.set_title("MLM loss vs. time")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def plot_schedule(runs: list[tuple[str, PretrainRun]], path: Path) -> Path | None:
+    """Learning rate (top) and batch size in sequences (bottom) against wall-clock time."""
+    series = [(label, run) for label, run in runs if run.records]
+    if not series:
+        return None
+    scale, unit = _time_axis([run for _, run in series])
+    fig, (ax_lr, ax_bs) = _figure(rows=2, height=3.0)
+    for label, run in series:
+        for ax, key in ((ax_lr, "lr"), (ax_bs, "batch_size")):
+            pts = [(r["elapsed_s"] / scale, r[key]) for r in run.records
+                   if _num(r.get("elapsed_s")) is not None and _num(r.get(key)) is not None]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), label=label)
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_title("schedule vs. time")
+    ax_bs.set_ylabel("batch size (sequences)")
+    ax_bs.set_xlabel(f"wall-clock {unit}")
+    for ax in (ax_lr, ax_bs):
+        ax.grid(alpha=0.3)
+        if len(series) > 1:
+            ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Markdown
+# --------------------------------------------------------------------------------------------------
+
+
+def _config_section(run: PretrainRun) -> list[str]:
+    cfg = run.config
+    if not cfg:
+        return ["No `.hydra/config.yaml` in this run folder; the config is unknown.", ""]
+    rows = []
+    for group, keys in KEY_FIELDS.items():
+        values = cfg.get(group) or {}
+        if not isinstance(values, dict):
+            continue
+        shown = ", ".join(f"{k}={_cell(values[k])}" for k in keys if k in values and values[k] is not None)
+        rows.append([group, values.get("name", NA), shown or "(profile defaults)"])
+    rows.append(["budget", cfg.get("budget", NA), f"seed={cfg.get('seed', NA)}"])
+    return _table(["group", "name", "key values"], rows) + [""]
+
+
+def _pretrain_section(run: PretrainRun) -> list[str]:
+    st = pretrain_stats(run)
+    lines = ["### Hardware and budget", ""]
+    used = NA if st["budget_used"] is None else f"{100 * st['budget_used']:.1f}%"
+    lines += _table(["device", "gpu profile", "precision", "compile", "budget", "elapsed", "budget used"],
+                    [[st["device"] or NA, st["gpu_profile"] or NA, st["precision"] or NA, st["compile"],
+                      f"{st['budget'] or NA} ({fmt_duration(st['budget_s'])})", fmt_duration(st["elapsed_s"]), used]])
+    lines += ["", "### Training", ""]
+    lines += _table(["steps", "tokens seen", "tokens/s", "MFU", "final MLM loss", "held-out MLM loss", "skipped steps"],
+                    [[fmt_int(st["steps"]), fmt_tokens(st["tokens_seen"]), fmt_int(st["tokens_per_s"]),
+                      fmt_mfu(st["mfu"], st["device"]), fmt_float(st["final_loss"]), fmt_float(st["val_loss"]),
+                      fmt_int(st["skipped_steps"])]], align_right=set(range(7)))
+    lines.append("")
+    first = next((r["loss"] for r in run.records if _num(r.get("loss")) is not None), None)
+    if first is not None and st["final_loss"] is not None:
+        lines.append(f"Training loss went from {fmt_float(first)} (first log step) to {fmt_float(st['final_loss'])}.")
+    if not st["complete"]:
+        lines.append("**No summary.json: the run is unfinished or was interrupted; values come from its last log record.**")
+    if run.bad_lines:
+        lines.append(f"{run.bad_lines} line(s) of metrics.jsonl were not JSON and were skipped.")
+    lines.append(f"Exported model: `{run.path / 'final'}`" if run.exported else "No exported model in `final/`.")
+    return lines + [""]
+
+
+def _glue_table(entries: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    cols = [c for c, _, _ in GLUE_COLUMNS]
+    rows, notes = [], []
+    for label, results in entries:
+        columns, avg, mean_run = glue_columns(results)
+        rows.append([f"measured: {label}", *(fmt_score(columns.get(c)) for c in cols), fmt_score(avg)])
+        if avg is None and mean_run is not None:
+            notes.append(f"{label}: not all nine GLUE columns ran, so there is no GLUE average; "
+                         f"mean of the columns that ran: {mean_run:.1f}.")
+        if is_subset(results):
+            notes.append(f"{label}: trained/evaluated on subsets of the GLUE tasks; its scores are not "
+                         "comparable with the published full-GLUE rows.")
+    for label, row in PUBLISHED_ROWS:
+        rows.append([label, *(fmt_score(row.get(c)) for c in cols), fmt_score(row.get("Avg"))])
+    lines = _table(["model", *cols, "Avg"], rows, align_right=set(range(1, len(cols) + 2)))
+    lines += ["", "GLUE dev scores in percent (median over trials of the final epoch). Avg: plain mean of the nine "
+              "columns (MNLI-m and MNLI-mm both counted). Rows marked *published* are copied from the Cramming "
+              "paper as summarised in the project's RECIPE.md, not re-measured; blank = not run or not published."]
+    return lines + [f"- {n}" for n in notes] + [""]
+
+
+def _glue_tasks(results: dict[str, Any]) -> list[str]:
+    rows = []
+    for name, task in results.get("tasks", {}).items():
+        median = task.get("median") or {}
+        examples = task.get("examples") or {}
+        dev = sum(v for k, v in examples.items() if k != "train" and _num(v) is not None) if examples else None
+        rows.append([name, fmt_int(examples.get("train")), fmt_int(dev), len(task.get("trials") or []),
+                     ", ".join(f"{k} {v:.2f}" for k, v in median.items() if _num(v) is not None) or NA,
+                     fmt_score(task.get("score"))])
+    if not rows:
+        return ["No task results yet.", ""]
+    return _table(["task", "train rows", "dev rows", "trials", "median metrics (%)", "score"], rows,
+                  align_right={1, 2, 3, 5}) + [""]
+
+
+def _glue_header(glue: GlueRun) -> list[str]:
+    r = glue.results
+    ckpt, run, cfg = r.get("checkpoint") or {}, r.get("run") or {}, r.get("config") or {}
+    out = [f"Results: `{glue.path / 'results.json'}`"
+           + (f" (status: {r['status']})" if r.get("status") and r.get("status") != "complete" else "")]
+    if ckpt:
+        out.append(f"Checkpoint: `{ckpt.get('path', NA)}` ({ckpt.get('kind', NA)})")
+    if cfg:
+        out.append(f"Recipe: glue={cfg.get('name', NA)}, batch {cfg.get('batch_size', NA)}, lr {cfg.get('lr', NA)}, "
+                   f"{cfg.get('schedule', NA)} schedule, {cfg.get('epochs', NA)} epochs, {cfg.get('trials', NA)} trials; "
+                   f"device {run.get('device', NA)}, precision {run.get('precision', NA)}")
+    return [f"{line}  " for line in out] + [""]
+
+
+def _full_config(run: PretrainRun) -> list[str]:
+    if not run.config:
+        return []
+    import yaml
+
+    text = yaml.safe_dump(run.config, sort_keys=False, default_flow_style=False, width=110)
+    return ["<details><summary>Full config (.hydra/config.yaml)</summary>", "", "```yaml", text.rstrip(), "```",
+            "", "</details>", ""]
+
+
+def _run_sections(run: Run, plots: dict[str, Path], level: str, out: Path) -> list[str]:
+    lines = [f"{level} {run.label}", "", f"Folder: `{run.path}`", ""]
+    if run.pretrain:
+        lines += [f"{level}# Configuration", ""] + _config_section(run.pretrain)
+        lines += [line.replace("### ", f"{level}# ", 1) for line in _pretrain_section(run.pretrain)]
+        for title, key in (("MLM loss vs. time", "loss"), ("Learning rate and batch size vs. time", "schedule")):
+            if key in plots:
+                lines += [f"![{title}]({plots[key].relative_to(out).as_posix()})", ""]
+    if run.glue:
+        lines += [f"{level}# GLUE (dev)", ""] + _glue_header(run.glue)
+        lines += _glue_table([(run.label, run.glue.results)]) + _glue_tasks(run.glue.results)
+    if run.pretrain:
+        lines += _full_config(run.pretrain)
+    return lines
+
+
+def _comparison(runs: list[Run]) -> list[str]:
+    rows = []
+    for r in runs:
+        st = pretrain_stats(r.pretrain) if r.pretrain else {}
+        cfg = r.pretrain.config if r.pretrain else {}
+        avg = mean_run = None
+        if r.glue:
+            _, avg, mean_run = glue_columns(r.glue.results)
+        glue_cell = fmt_score(avg) if avg is not None else (f"{mean_run:.1f} (partial)" if mean_run is not None else NA)
+        rows.append([r.label, (cfg.get("arch") or {}).get("name", NA), (cfg.get("train") or {}).get("name", NA),
+                     (cfg.get("data") or {}).get("name", NA), st.get("gpu_profile") or NA, st.get("budget") or NA,
+                     fmt_duration(st.get("elapsed_s")), fmt_int(st.get("steps")), fmt_tokens(st.get("tokens_seen")),
+                     fmt_int(st.get("tokens_per_s")), fmt_mfu(st.get("mfu"), st.get("device")),
+                     fmt_float(st.get("final_loss")), fmt_float(st.get("val_loss")), glue_cell])
+    lines = _table(["run", "arch", "train", "data", "gpu", "budget", "elapsed", "steps", "tokens seen", "tokens/s",
+                    "MFU", "final loss", "held-out loss", "GLUE avg"], rows, align_right=set(range(6, 14)))
+    diffs = config_differences(runs)
+    if diffs:
+        lines += ["", "Config keys that differ between the runs:", ""]
+        lines += _table(["key", *(r.label for r in runs)], [[k, *v] for k, v in diffs.items()])
+    return lines + [""]
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry points
+# --------------------------------------------------------------------------------------------------
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "run"
+
+
+def build_report(paths: list[str | Path], out: str | Path | None = None, name: str | None = None) -> Path:
+    """Write report.md (+ PNGs) for the runs in `paths`; return the report's path."""
+    runs: list[Run] = []
+    for p in paths:
+        runs.extend(discover(p))
+    if not runs:
+        raise ReportError("no runs given")
+    _unique_labels(runs)
+    if out is None:
+        out = runs[0].path if len(paths) == 1 and len(runs) == 1 else \
+            Path("outputs") / "report" / (name or datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ReportError(f"--out {out} is a file; pass a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    out = out.resolve()
+
+    title = name or (runs[0].label if len(runs) == 1 else f"comparison of {len(runs)} runs")
+    lines = [f"# Cramming report: {title}", "",
+             f"Generated {datetime.now().strftime('%Y-%m-%d %H:%M:%S')} by `cram report` from: "
+             + ", ".join(f"`{Path(p)}`" for p in paths), ""]
+    pre = [(r.label, r.pretrain) for r in runs if r.pretrain]
+    if len(runs) == 1:
+        plots = {}
+        if pre:
+            for key, fn, file in (("loss", plot_loss, "loss_vs_time.png"), ("schedule", plot_schedule, "lr_batch_vs_time.png")):
+                made = fn(pre, out / file)
+                if made:
+                    plots[key] = made
+        lines += _run_sections(runs[0], plots, "##", out)
+    else:
+        lines += ["## Comparison", ""] + _comparison(runs)
+        for title_, fn, file in (("MLM loss vs. time, all runs", plot_loss, "loss_comparison.png"),
+                                 ("Learning rate and batch size vs. time, all runs", plot_schedule, "lr_batch_comparison.png")):
+            if pre and fn(pre, out / file):
+                lines += [f"![{title_}]({file})", ""]
+        with_glue = [(r.label, r.glue.results) for r in runs if r.glue]
+        if with_glue:
+            lines += ["## GLUE (dev)", ""] + _glue_table(with_glue)
+        lines += ["## Runs", ""]
+        for r in runs:
+            lines += _run_sections(r, {}, "###", out)
+    report = out / "report.md"
+    report.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
+    _print_summary(runs, report)
+    return report
+
+
+def _print_summary(runs: list[Run], report: Path) -> None:
+    for r in runs:
+        parts = [r.label]
+        if r.pretrain:
+            st = pretrain_stats(r.pretrain)
+            parts += [f"steps {fmt_int(st['steps'])}", f"tokens {fmt_tokens(st['tokens_seen'])}",
+                      f"loss {fmt_float(st['final_loss'], 3)}", f"held-out {fmt_float(st['val_loss'], 3)}",
+                      f"{fmt_int(st['tokens_per_s'])} tok/s"]
+        if r.glue:
+            _, avg, mean_run = glue_columns(r.glue.results)
+            parts.append(f"GLUE avg {avg:.1f}" if avg is not None else
+                         f"GLUE mean of tasks run {mean_run:.1f}" if mean_run is not None else "GLUE n/a")
+        print("  " + " | ".join(parts))
+    print(f"report: {report}")
+
+
+def main(argv: list[str]) -> int:
+    """`cram report RUN_DIR [RUN_DIR ...] [--out DIR] [--name NAME]`."""
+    parser = argparse.ArgumentParser(
+        prog="cram report",
+        description="Tables and plots for pretraining and GLUE runs. A RUN_DIR is a pretraining run "
+        "(outputs/pretrain/<run>), a GLUE run (outputs/glue/<run>) or a folder holding such runs one level "
+        "down (e.g. a demo folder with pretrain/ and glue/). Several RUN_DIRs give a comparison.",
+    )
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folder(s) to report on")
+    parser.add_argument("--out", default=None,
+                        help="folder for report.md and the PNGs (default: the run folder for one run, "
+                        "outputs/report/<name or timestamp> for several)")
+    parser.add_argument("--name", default=None, help="report title, and its folder name under outputs/report/")
+    args = parser.parse_args(argv)
+    build_report(args.runs, args.out, args.name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

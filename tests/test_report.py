@@ -1,0 +1,231 @@
+"""`cram report` on synthetic run folders: tables carry the right values, plots are written, errors are clear."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cramming import report
+from cramming.errors import CrammingError
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def make_pretrain_run(path: Path, *, hidden: int = 256, final_loss: float = 4.1234, tokens: int = 12_345_678,
+                      summary: bool = True, steps: int = 40, budget: str = "10m") -> Path:
+    """A pretraining run folder as the trainer writes it (docs/design.md)."""
+    (path / ".hydra").mkdir(parents=True)
+    (path / "final").mkdir()
+    (path / "final" / "model.safetensors").write_bytes(b"weights")
+    (path / ".hydra" / "config.yaml").write_text(
+        "gpu:\n  name: cpu\n  device: cpu\n  micro_batch_size: 8\n  precision: fp32\n  compile: false\n"
+        f"arch:\n  name: demo\n  hidden_size: {hidden}\n  num_layers: 4\n  num_heads: 4\n  vocab_size: 8192\n"
+        "data:\n  name: embedded\n  source: embedded\n  tokenizer: wordpiece\n  vocab_size: 8192\n  seq_len: 128\n"
+        "train:\n  name: cramming\n  lr: 0.001\n  lr_schedule: one-cycle\n  mask_rate: 0.25\n"
+        f"budget: {budget}\nseed: 0\nrun_name: ${{now:%Y-%m-%d}}\n"
+    )
+    lines = []
+    for i in range(1, steps + 1):
+        progress = i / steps
+        lines.append(json.dumps({
+            "step": i, "elapsed_s": 15.0 * i, "progress": progress,
+            "loss": final_loss + 5.0 * (1 - progress), "lr": 1e-3 * min(progress, 1 - progress) * 2,
+            "batch_size": 8 * (1 + i // 10), "tokens_seen": tokens * i // steps, "tokens_per_s": 2000.0 + i,
+            "mfu": None, "skipped_steps": 0}))
+        if i % 20 == 0:
+            lines.append(json.dumps({"event": "eval", "step": i, "elapsed_s": 15.0 * i + 1, "progress": progress,
+                                     "val_loss": final_loss + 0.3 + 4.0 * (1 - progress)}))
+    lines.append('{"step": 41, "elapsed_s"')  # a line cut by a crash must not break the report
+    (path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    if summary:
+        (path / "summary.json").write_text(json.dumps({
+            "budget_s": 600.0, "elapsed_s": 603.5, "steps": steps, "tokens_seen": tokens, "final_loss": final_loss,
+            "val_loss": final_loss + 0.3, "tokens_per_s": 20456.7, "mfu": None, "device": "cpu",
+            "gpu_profile": "cpu", "precision": "fp32", "compile": "eager", "skipped_steps": 0}))
+    return path
+
+
+def make_glue_run(path: Path, ckpt: Path | None = None, *, rte: float = 55.2, train_rows: int = 2490) -> Path:
+    """A GLUE run folder with results.json as cramming.glue.finetune writes it (three tasks)."""
+    path.mkdir(parents=True)
+
+    def task(metrics: dict[str, list[float]], headline: list[str], train: int, dev: int) -> dict:
+        trials = [{"seed": s, "final": {k: v[s] for k, v in metrics.items()}} for s in range(3)]
+        median = {k: sorted(v)[1] for k, v in metrics.items()}
+        return {"kind": "classification", "headline": headline, "examples": {"train": train, "dev": dev},
+                "trials": trials, "median": median, "score": sum(median[h] for h in headline) / len(headline)}
+
+    tasks = {
+        "sst2": task({"accuracy": [80.1, 81.5, 79.9]}, ["accuracy"], 67349, 872),
+        "cola": task({"mcc": [10.0, 12.5, 11.0], "accuracy": [69.0, 70.0, 69.5]}, ["mcc"], 8551, 1043),
+        "rte": task({"accuracy": [rte - 1, rte, rte + 1]}, ["accuracy"], train_rows, 277),
+    }
+    columns = {c: None for c, _, _ in report.GLUE_COLUMNS}
+    columns.update({"SST-2": 80.1, "CoLA": 11.0, "RTE": rte})
+    results = {
+        "format_version": 1, "status": "complete",
+        "checkpoint": {"path": str(ckpt or "random-init"), "kind": "checkpoint", "sha256": "ab" * 32},
+        "config": {"name": "cramming", "batch_size": 16, "lr": 4e-5, "schedule": "cosine", "epochs": 5,
+                   "trials": 3, "max_train_examples": None, "max_eval_examples": None},
+        "run": {"device": "cpu", "precision": "fp32"},
+        "tasks": tasks,
+        "glue": {"columns": columns, "average": None, "mean_of_columns_run": (80.1 + 11.0 + rte) / 3},
+    }
+    (path / "results.json").write_text(json.dumps(results, indent=2))
+    (path / "results.md").write_text("# GLUE dev results\n")
+    return path
+
+
+def _png_ok(path: Path) -> bool:
+    return path.is_file() and path.stat().st_size > 1000 and path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_single_pretrain_run_report(tmp_path, capsys):
+    run = make_pretrain_run(tmp_path / "run1")
+    assert report.main([str(run)]) == 0
+    md = (run / "report.md").read_text()
+    # Values formatted into the tables.
+    assert "12,345,678 (12.3M)" in md  # tokens seen
+    assert "4.1234" in md and "4.4234" in md  # final and held-out MLM loss
+    assert "20,457" in md  # tokens/s from summary.json
+    assert "n/a (CPU)" in md  # MFU is null on CPU
+    assert "10m (10m 00s)" in md and "10m 04s" in md and "100.6%" in md  # budget, elapsed, budget used
+    assert "hidden_size=256" in md and "| arch | demo |" in md and "lr=0.001" in md
+    assert "1 line(s) of metrics.jsonl were not JSON" in md
+    assert "Training loss went from 8.9984 (first log step) to 4.1234" in md
+    # Plots written, non-empty PNGs, referenced from the report.
+    for png in ("loss_vs_time.png", "lr_batch_vs_time.png"):
+        assert _png_ok(run / png), png
+        assert f"]({png})" in md
+    out = capsys.readouterr().out
+    assert f"report: {(run / 'report.md').resolve()}" in out and "tokens 12,345,678" in out
+
+
+def test_demo_folder_with_pretrain_and_glue(tmp_path):
+    demo = tmp_path / "demo"
+    pre = make_pretrain_run(demo / "pretrain")
+    make_glue_run(demo / "glue", ckpt=pre / "final")
+    out = tmp_path / "rep"
+    report.main([str(demo), "--out", str(out)])
+    md = (out / "report.md").read_text()
+    assert "## demo" in md and "GLUE (dev)" in md
+    # Measured row: SST-2 80.1, CoLA 11.0, RTE 55.2; no GLUE average because six columns did not run.
+    measured = next(line for line in md.splitlines() if line.startswith("| measured: demo"))
+    cells = [c.strip() for c in measured.strip("|").split("|")]
+    assert cells[5] == "80.1" and cells[6] == "11.0" and cells[9] == "55.2" and cells[10] == ""
+    assert "mean of the columns that ran: 48.8" in md
+    # Published rows beside it, labelled, numbers from RECIPE.md.
+    published = [line for line in md.splitlines() if line.startswith("| published:")]
+    assert len(published) == 3
+    assert "| 84.1 | 84.6 | 87.5 | 90.2 | 92.0 | 53.3 | 87.4 | 88.9 | 58.5 | 80.7 |" in published[2]
+    assert "80.9" in published[0] and "78.6" in published[1]
+    # Per-task table and the pretraining part.
+    assert "| rte | 2,490 | 277 | 3 | accuracy 55.20 | 55.2 |" in md
+    assert "12,345,678" in md and _png_ok(out / "loss_vs_time.png")
+    assert "not comparable" not in md  # full training sets: not a subset
+
+
+def test_glue_subset_is_flagged(tmp_path):
+    run = make_glue_run(tmp_path / "g", train_rows=1000)
+    report.main([str(run)])
+    md = (run / "report.md").read_text()
+    assert "not comparable with the published full-GLUE rows" in md
+    assert not (run / "loss_vs_time.png").exists()  # no pretraining data, no loss plot
+
+
+def test_comparison_of_two_runs(tmp_path, capsys):
+    a = make_pretrain_run(tmp_path / "a" / "pretrain", hidden=256, final_loss=3.5, tokens=1_000_000)
+    b = make_pretrain_run(tmp_path / "b" / "pretrain", hidden=512, final_loss=2.75, tokens=2_000_000)
+    make_glue_run(tmp_path / "b" / "glue", ckpt=b / "final", rte=60.0)
+    out = tmp_path / "cmp"
+    assert report.main([str(a.parent), str(b.parent), "--out", str(out), "--name", "hidden-size"]) == 0
+    md = (out / "report.md").read_text()
+    assert md.startswith("# Cramming report: hidden-size")
+    rows = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| a ") or line.startswith("| b ")}
+    assert "3.5000" in rows["a"] and "1,000,000 (1.0M)" in rows["a"] and "| n/a |" in rows["a"]
+    assert "2.7500" in rows["b"] and "2,000,000 (2.0M)" in rows["b"] and "50.4 (partial)" in rows["b"]
+    # The ablated key is listed with both values; identical keys are not.
+    assert "| arch.hidden_size | 256 | 512 |" in md and "arch.num_layers" not in md
+    for png in ("loss_comparison.png", "lr_batch_comparison.png"):
+        assert _png_ok(out / png) and f"]({png})" in md
+    assert "### a" in md and "### b" in md
+    summary = capsys.readouterr().out
+    assert "  a | steps 40" in summary and "GLUE mean of tasks run 50.4" in summary
+
+
+def test_same_folder_names_get_distinct_labels(tmp_path):
+    a = make_pretrain_run(tmp_path / "x" / "run")
+    b = make_pretrain_run(tmp_path / "y" / "run")
+    runs = [*report.discover(a), *report.discover(b)]
+    report._unique_labels(runs)
+    assert [r.label for r in runs] == ["x/run", "y/run"]
+
+
+def test_folder_of_runs_pairs_glue_with_its_checkpoint(tmp_path):
+    root = tmp_path / "outputs"
+    p1 = make_pretrain_run(root / "p1")
+    p2 = make_pretrain_run(root / "p2")
+    make_glue_run(root / "zz-glue-of-p1", ckpt=p1 / "final")
+    runs = report.discover(root)
+    assert [(r.label, r.glue is not None) for r in runs] == [("p1", True), ("p2", False)]
+    assert p2 is not None
+
+
+def test_unfinished_run_reports_from_metrics(tmp_path):
+    run = make_pretrain_run(tmp_path / "live", summary=False, final_loss=4.0)
+    report.main([str(run)])
+    md = (run / "report.md").read_text()
+    assert "No summary.json" in md
+    assert "4.0000" in md  # last logged loss
+    assert "4.3000" in md  # last eval record's held-out loss
+
+
+def test_stats_fall_back_to_metrics_and_tolerate_missing_fields(tmp_path):
+    run = make_pretrain_run(tmp_path / "r", summary=False)
+    stats = report.pretrain_stats(report.read_pretrain(run))
+    assert stats["steps"] == 40 and stats["budget_s"] == 600.0 and not stats["complete"]
+    assert math.isclose(stats["budget_used"], 600.0 / 600.0)
+    assert report.fmt_tokens(None) == "n/a" and report.fmt_mfu(0.4123) == "41.2%"
+    assert report.fmt_duration(3725) == "1h 02m 05s"
+
+
+@pytest.mark.parametrize("make_bad", [
+    lambda p: p / "does-not-exist",
+    lambda p: (p / "empty").mkdir() or p / "empty",
+    lambda p: (p / "file.txt").write_text("x") and p / "file.txt",
+])
+def test_bad_folders_raise_a_clear_error(tmp_path, make_bad):
+    with pytest.raises(CrammingError, match="no such folder|not a run folder|is a file"):
+        report.main([str(make_bad(tmp_path))])
+
+
+def test_corrupt_results_json_is_a_user_error(tmp_path):
+    bad = tmp_path / "g"
+    bad.mkdir()
+    (bad / "results.json").write_text("{not json")
+    with pytest.raises(CrammingError, match="results.json is unreadable"):
+        report.main([str(bad)])
+
+
+def test_cli_prints_error_without_traceback_and_runs_headless(tmp_path):
+    env = {"PATH": "", "MPLBACKEND": "", "DISPLAY": ""}  # no display: the Agg canvas needs none
+    done = subprocess.run([sys.executable, "-m", "cramming.cli", "report", str(tmp_path / "nope")],
+                          capture_output=True, text=True, env=env)
+    assert done.returncode == 2 and "no such folder" in done.stderr and "Traceback" not in done.stderr
+    run = make_pretrain_run(tmp_path / "ok")
+    done = subprocess.run([sys.executable, "-m", "cramming.cli", "report", str(run)], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "report:" in done.stdout and _png_ok(run / "loss_vs_time.png")
+
+
+def test_published_rows_agree_with_the_glue_stage():
+    """One set of published numbers across the project (the GLUE stage also prints them)."""
+    finetune = pytest.importorskip("cramming.glue.finetune")
+    ours = {tuple(sorted(row.items())) for _, row in report.PUBLISHED_ROWS}
+    theirs = {tuple(sorted(row.items())) for _, row in finetune.PUBLISHED_ROWS}
+    assert ours == theirs
