@@ -167,9 +167,20 @@ class DataConfig:
             raise bad(f"hub_timeout_s={self.hub_timeout_s} must be > 0")
 
 
+# Fields that change how fast the data is built, not what is built: left out of the cache key so
+# that e.g. `data.num_proc=8` on a big machine finds the folder a 2-core run prepared.
+EXECUTION_ONLY_FIELDS = ("num_proc", "batch_docs", "hub_timeout_s")
+
+
+def data_hash(data_cfg: DataConfig) -> str:
+    """Hash of the fields of `data_cfg` that determine the prepared output."""
+    fields = {k: v for k, v in asdict(data_cfg).items() if k not in EXECUTION_ONLY_FIELDS}
+    return config_hash(fields)
+
+
 def prepared_dir(data_cfg: DataConfig, data_root: str | Path) -> Path:
-    """`<data_root>/<name>-<config_hash(data_cfg)>`: where `prepare` puts (or finds) this dataset."""
-    return Path(data_root) / f"{data_cfg.name}-{config_hash(data_cfg)}"
+    """`<data_root>/<name>-<data_hash(data_cfg)>`: where `prepare` puts (or finds) this dataset."""
+    return Path(data_root) / f"{data_cfg.name}-{data_hash(data_cfg)}"
 
 
 @contextmanager
@@ -401,7 +412,7 @@ def _build(cfg: DataConfig, out: Path) -> dict[str, Any]:
         "static_masking": static,
         "splits": splits,
         "data_config": asdict(cfg),
-        "config_hash": config_hash(cfg),
+        "config_hash": data_hash(cfg),
         "counts": counts,
         "skipped_examples": stats.skipped_examples,
         "timings_s": timings,

@@ -1,0 +1,316 @@
+"""`cram bench`: training-step throughput, memory and MFU of crammed-bert against transformers' BERT.
+
+    cram bench model [--device cuda --precision bf16 --compile] [--hidden 256 --layers 4 --vocab 8192]
+    cram bench model --device cuda --emulate rtx2080ti      # does the profile's micro-batch fit in 11 GB?
+    cram bench data ...                                      # cramming.data.benchmark (loader throughput)
+
+`model` times full training steps (forward + backward + AdamW step) of both models in the same
+process, interleaved (A B, B A, ...), warm-up excluded, and reports medians over repeats. Both get
+their best settings: fused AdamW on CUDA, autocast at --precision, torch.compile with --compile.
+Inputs are random token ids with a fixed number of masked positions per row (25% by default):
+crammed-bert scores only those (sparse prediction, static shapes); BertForMaskedLM gets the same
+labels (-100 elsewhere) and computes its dense head, as it always does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from cramming.model.bert import CrammedBertForMLM, ModelConfig, count_parameters, training_flops_per_sequence
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def _yaml(path: Path) -> dict[str, Any]:
+    # Plain YAML (no OmegaConf) so the bench runs where only torch and transformers are installed.
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def arch_config(args: argparse.Namespace) -> ModelConfig:
+    path = CONFIGS / "arch" / f"{args.arch}.yaml"
+    if not path.is_file():
+        names = sorted(p.stem for p in (CONFIGS / "arch").glob("*.yaml"))
+        raise SystemExit(f"unknown --arch {args.arch!r}; choose one of: {', '.join(names)}")
+    cfg = ModelConfig(**_yaml(path))
+    overrides = {"hidden_size": args.hidden, "num_layers": args.layers, "num_heads": args.heads,
+                 "intermediate_size": args.intermediate, "vocab_size": args.vocab}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if args.hidden is not None and args.intermediate is None:
+        overrides["intermediate_size"] = 4 * args.hidden  # keep BERT's 4x ratio when only the width changes
+    return dataclasses.replace(cfg, max_seq_len=max(cfg.max_seq_len, args.seq_len), **overrides)
+
+
+def baseline_model(cfg: ModelConfig, seq_len: int, dropout: float) -> torch.nn.Module:
+    from transformers import BertConfig, BertForMaskedLM
+
+    hf = BertConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
+        max_position_embeddings=max(512, seq_len), hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+    )
+    return BertForMaskedLM._from_config(hf, attn_implementation="sdpa")
+
+
+def baseline_flops_config(cfg: ModelConfig) -> ModelConfig:
+    """BertForMaskedLM's shape as a ModelConfig, only for counting its FLOPs (dense head)."""
+    return dataclasses.replace(cfg, ffn="gelu", head="nonlinear", sparse_prediction=False)
+
+
+def gpu_profiles() -> list[dict[str, Any]]:
+    return [_yaml(p) for p in sorted((CONFIGS / "gpu").glob("*.yaml")) if p.stem != "auto"]
+
+
+def detect_peak_tflops(device: torch.device, precision: str) -> float | None:
+    """The shipped profile's dense tensor peak for this GPU; None on CPU or in fp32 (no such peak)."""
+    if device.type != "cuda" or precision == "fp32":
+        return None
+    name = torch.cuda.get_device_name(device).lower()
+    for profile in gpu_profiles():
+        if any(m.lower() in name for m in profile.get("match") or []):
+            return profile.get("peak_tflops")
+    return None
+
+
+def make_batches(cfg: ModelConfig, batch: int, seq_len: int, num_masked: int, device: torch.device, n: int = 4):
+    """A few random masked batches (rotated through) with exactly `num_masked` targets per row."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(5, cfg.vocab_size, (batch, seq_len), generator=g)
+        positions = torch.rand(batch, seq_len, generator=g).argsort(dim=1)[:, :num_masked].sort(dim=1).values
+        labels = torch.full_like(ids, -100).scatter(1, positions, ids.gather(1, positions))
+        ids = ids.scatter(1, positions, 4)  # [MASK]
+        out.append(tuple(t.to(device) for t in (ids, labels, positions)))
+    return out
+
+
+class Runner:
+    """One model with its optimizer and step function."""
+
+    def __init__(self, name: str, model: torch.nn.Module, ours: bool, args: argparse.Namespace, device: torch.device,
+                 flops_per_seq: float) -> None:
+        self.name, self.ours, self.args, self.device = name, ours, args, device
+        self.params = count_parameters(model)
+        self.model = model.to(device).train()
+        fused = device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-12,
+                                           weight_decay=0.01, fused=fused, foreach=None if fused else True)
+        self.forward = torch.compile(model, fullgraph=ours, dynamic=False) if args.compile else model
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
+        self.scaler = torch.amp.GradScaler(device.type) if args.precision == "fp16" else None
+        self.flops_per_seq = flops_per_seq
+        self.rates: list[float] = []
+        self.peak_bytes = 0
+        self.losses: list[float] = []
+
+    def step(self, ids: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            if self.ours:
+                loss = self.forward(ids, labels=labels, masked_positions=positions)["loss"]
+            else:
+                loss = self.forward(input_ids=ids, labels=labels).loss
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        return loss.detach()
+
+    def state_bytes(self) -> int:
+        tensors = [p for p in self.model.parameters()] + [p.grad for p in self.model.parameters() if p.grad is not None]
+        tensors += [t for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def run(self, batches: list, steps: int, timed: bool) -> None:
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize()
+            start_alloc = torch.cuda.memory_allocated()
+            own = self.state_bytes()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        for i in range(steps):
+            loss = self.step(*batches[i % len(batches)])
+        if cuda:
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        self.losses.append(float(loss))  # the only host sync besides the timer's
+        if timed:
+            self.rates.append(steps * batches[0][0].numel() / elapsed)
+            if cuda:
+                # Peak of this model alone: its own resident state + what its steps allocated on top.
+                self.peak_bytes = max(self.peak_bytes, torch.cuda.max_memory_allocated() - start_alloc + own)
+
+    def result(self, peak_tflops: float | None, seq_len: int) -> dict[str, Any]:
+        rate = statistics.median(self.rates) if self.rates else float("nan")
+        mfu = None
+        if peak_tflops:
+            mfu = self.flops_per_seq * rate / seq_len / (peak_tflops * 1e12)
+        return {
+            "model": self.name, "params": self.params, "tokens_per_s": rate, "tokens_per_s_all": self.rates,
+            "peak_mem_mb": self.peak_bytes / 2**20 if self.peak_bytes else None, "mfu": mfu,
+            "flops_per_seq": self.flops_per_seq, "final_loss": self.losses[-1] if self.losses else None,
+        }
+
+
+def _is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def bench_model(args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but no CUDA device is visible")
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
+    if args.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise SystemExit("this GPU has no bf16; use --precision fp16")
+
+    emulated = None
+    if args.emulate:
+        profile = next((p for p in gpu_profiles() if p["name"] == args.emulate), None)
+        if profile is None or profile.get("memory_gb") is None:
+            raise SystemExit(f"--emulate needs a GPU profile with memory_gb; got {args.emulate!r}")
+        args.batch_size = args.batch_size or profile["micro_batch_size"]
+        args.precision = profile["precision"]
+        total = torch.cuda.get_device_properties(device).total_memory
+        args.memory_fraction = min(1.0, profile["memory_gb"] * 1e9 / total)
+        emulated = profile["name"]
+    if args.memory_fraction is not None:
+        if device.type != "cuda":
+            raise SystemExit("--memory-fraction needs --device cuda")
+        torch.cuda.set_per_process_memory_fraction(args.memory_fraction, torch.cuda.current_device())
+    args.batch_size = args.batch_size or 16
+
+    cfg = arch_config(args)
+    num_masked = max(1, round(args.mask_fraction * args.seq_len))
+    torch.manual_seed(0)
+    specs = [("crammed-bert" if args.arch == "crammed-bert" else args.arch, True)]
+    if not args.no_baseline:
+        specs.append(("BertForMaskedLM (sdpa)", False))
+    runners: list[Runner] = []
+    fits: dict[str, bool] = {}
+    batches = make_batches(cfg, args.batch_size, args.seq_len, num_masked, device)
+    for name, ours in specs:
+        model = CrammedBertForMLM(cfg) if ours else baseline_model(cfg, args.seq_len, args.baseline_dropout)
+        flops_cfg = cfg if ours else baseline_flops_config(cfg)
+        runner = Runner(name, model, ours, args, device, training_flops_per_sequence(flops_cfg, args.seq_len, num_masked))
+        try:
+            runner.run(batches, args.warmup, timed=False)  # warm-up (and compile) excluded from timing
+            fits[name] = True
+            runners.append(runner)
+        except Exception as err:  # an OOM under an emulated card is a result, not a crash
+            if not (_is_oom(err) and device.type == "cuda"):
+                raise
+            fits[name] = False
+            del runner, model
+            torch.cuda.empty_cache()
+
+    for repeat in range(args.repeats):
+        order = runners if repeat % 2 == 0 else runners[::-1]
+        for runner in order:
+            runner.run(batches, args.steps, timed=True)
+
+    peak = args.peak_tflops or detect_peak_tflops(device, args.precision)
+    results = [r.result(peak, args.seq_len) for r in runners]
+    base = next((r for r in results if not r["model"].startswith(specs[0][0])), None)
+    for r in results:
+        r["ratio"] = r["tokens_per_s"] / base["tokens_per_s"] if base else None
+    return {
+        "command": "cram bench " + " ".join(args.argv),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "torch": torch.__version__, "precision": args.precision, "compile": args.compile,
+        "batch_size": args.batch_size, "seq_len": args.seq_len, "num_masked": num_masked,
+        "arch": dataclasses.asdict(cfg), "peak_tflops": peak, "emulate": emulated,
+        "memory_fraction": args.memory_fraction, "fits": fits, "results": results,
+    }
+
+
+def markdown(report: dict[str, Any]) -> str:
+    def fmt(v: Any, spec: str) -> str:
+        return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+    lines = [
+        f"{report['device']}, {report['precision']}, compile={report['compile']}, batch {report['batch_size']} x "
+        f"{report['seq_len']}, {report['num_masked']} masked/row, hidden {report['arch']['hidden_size']}, "
+        f"{report['arch']['num_layers']} layers, vocab {report['arch']['vocab_size']}",
+        "",
+        "| model | params (M) | tokens/s | ratio vs baseline | peak mem (MB) | MFU |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in report["results"]:
+        mfu = fmt(r["mfu"] * 100 if r["mfu"] is not None else None, ".1f") + ("%" if r["mfu"] is not None else "")
+        lines.append(f"| {r['model']} | {r['params'] / 1e6:.1f} | {fmt(r['tokens_per_s'], ',.0f')} | "
+                     f"{fmt(r['ratio'], '.2f')} | {fmt(r['peak_mem_mb'], ',.0f')} | {mfu} |")
+    if report["emulate"] or report["memory_fraction"] is not None:
+        fits = ", ".join(f"{k}: {'fits' if v else 'OOM'}" for k, v in report["fits"].items())
+        lines += ["", f"memory cap {report['memory_fraction']:.3f} of the GPU ({report['emulate'] or 'custom'}): {fits}"]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cram bench", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    m = sub.add_parser("model", help="training-step throughput / memory / MFU vs transformers' BertForMaskedLM")
+    m.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    m.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    m.add_argument("--compile", action="store_true", help="torch.compile both models (ours with fullgraph)")
+    m.add_argument("--arch", default="crammed-bert", help="arch preset (configs/arch/*.yaml)")
+    m.add_argument("--hidden", type=int)
+    m.add_argument("--layers", type=int)
+    m.add_argument("--heads", type=int)
+    m.add_argument("--intermediate", type=int, help="FFN width (default: the preset's, or 4 x --hidden)")
+    m.add_argument("--vocab", type=int)
+    m.add_argument("--seq-len", type=int, default=128)
+    m.add_argument("--batch-size", type=int, help="sequences per step (default 16, or the emulated profile's)")
+    m.add_argument("--mask-fraction", type=float, default=0.25, help="masked tokens per row (fixed count)")
+    m.add_argument("--repeats", type=int, default=5, help="timed blocks per model (median reported)")
+    m.add_argument("--steps", type=int, default=5, help="training steps per timed block")
+    m.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile happens here)")
+    m.add_argument("--threads", type=int, help="CPU threads (default: the cores available)")
+    m.add_argument("--baseline-dropout", type=float, default=0.1, help="BertConfig's default 0.1; 0 to match ours")
+    m.add_argument("--no-baseline", action="store_true")
+    m.add_argument("--peak-tflops", type=float, help="override the profile's peak for MFU")
+    m.add_argument("--memory-fraction", type=float, help="torch.cuda.set_per_process_memory_fraction cap")
+    m.add_argument("--emulate", help="GPU profile to emulate by memory cap (e.g. rtx2080ti): its micro-batch and precision")
+    m.add_argument("--out", type=Path, help="write the report as JSON here")
+    sub.add_parser("data", help="data loader + masking throughput (cramming.data.benchmark)", add_help=False)
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    argv = list(argv)
+    if argv and argv[0] == "data":
+        from cramming.data import benchmark  # another stage's module: import only when asked
+
+        return int(benchmark.main(argv[1:]) or 0)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    report = bench_model(args)
+    print(markdown(report))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

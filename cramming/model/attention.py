@@ -1,0 +1,86 @@
+"""Attention backends: free functions with one signature, selected by name.
+
+Every backend takes `q, k, v` of shape [B, H, L, D], an optional boolean key mask broadcastable to
+[B, H, L, L] (True = attend; finetuning pads, packed pretraining rows need none), the dropout
+probability and whether the module is training, and returns [B, H, L, D]. `eager` is the
+numerical reference; the others must agree with it within floating-point tolerance.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from cramming.errors import ConfigError
+
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", float, bool], torch.Tensor]
+
+
+def eager_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout_p: float, training: bool
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v, written out; the reference the fused kernels are tested against."""
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # [B, H, L, L]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    # Softmax in fp32 even under autocast: the reference must not lose precision to half types.
+    probs = scores.float().softmax(dim=-1).to(v.dtype)
+    probs = F.dropout(probs, p=dropout_p, training=training)
+    return probs @ v  # [B, H, L, D]
+
+
+def sdpa_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout_p: float, training: bool
+) -> torch.Tensor:
+    """torch's fused scaled_dot_product_attention (flash / memory-efficient kernels on GPU).
+
+    Without a mask, torch can pick its fastest kernel (flash attention on GPU, the fused CPU
+    kernel on CPU); a boolean mask routes to the memory-efficient or math kernel.
+    """
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p if training else 0.0)
+
+
+def _flash_attn_func() -> Callable:
+    try:
+        from flash_attn import flash_attn_func  # type: ignore[import-not-found]
+    except ImportError:
+        raise ConfigError(
+            "arch.attention_backend=flash needs the flash-attn package (pip install flash-attn) and a CUDA GPU; "
+            "it is not installed. Use arch.attention_backend=sdpa, which already uses flash kernels on GPU."
+        ) from None
+    return flash_attn_func
+
+
+def flash_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout_p: float, training: bool
+) -> torch.Tensor:
+    """The flash-attn package's kernel (fp16/bf16 on CUDA only).
+
+    flash-attn has no dense padding mask (only a variable-length API over unpadded tokens); padded
+    finetuning batches go through sdpa instead, which gives the same result.
+    """
+    fn = _flash_attn_func()
+    if mask is not None or q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
+        return sdpa_attention(q, k, v, mask, dropout_p, training)
+    # flash-attn wants [B, L, H, D].
+    out = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p if training else 0.0)
+    return out.transpose(1, 2)
+
+
+BACKENDS: dict[str, AttentionFn] = {
+    "eager": eager_attention,
+    "sdpa": sdpa_attention,
+    "flash": flash_attention,
+}
+
+
+def get_backend(name: str) -> AttentionFn:
+    """Look a backend up by name; unknown names list the valid ones, flash checks its package."""
+    if name not in BACKENDS:
+        raise ConfigError(f"unknown attention backend {name!r}; choose one of: {', '.join(BACKENDS)}")
+    if name == "flash":
+        _flash_attn_func()  # fail at model construction, not at the first step
+    return BACKENDS[name]

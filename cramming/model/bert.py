@@ -1,0 +1,396 @@
+"""The crammed BERT (Geiping & Goldstein, 2022): config dataclass first, then small modules.
+
+Defaults are the crammed recipe: no bias in any linear layer, GEGLU feed-forward at the original
+width (3072 split into two halves of 1536), pre-LayerNorm blocks with a final LayerNorm, scaled
+sinusoidal positions with LayerNorm after the embedding, tied input/output embeddings and a plain
+(no transform, no bias) MLM head that scores only the masked positions. Every other choice of the
+original BERT is an option, for the paper's ablations. Knows nothing of Hydra.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cramming.errors import ConfigError
+from cramming.model import random_ltd
+from cramming.model.attention import BACKENDS, get_backend
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a crammed BERT; one field per `arch.*` key."""
+
+    name: str = "crammed-bert"
+    """Preset name (the arch config file this came from)."""
+    vocab_size: int = 32768
+    """Tokenizer vocabulary size (2^15 in the paper)."""
+    hidden_size: int = 768
+    """Width of the residual stream."""
+    num_layers: int = 16
+    """Transformer blocks (the reference crammed BERT uses 16)."""
+    num_heads: int = 12
+    """Attention heads; must divide hidden_size."""
+    intermediate_size: int = 3072
+    """Feed-forward projection width; GEGLU splits it into two halves (value, gate)."""
+    max_seq_len: int = 128
+    """Longest sequence the position embedding covers."""
+    position: Literal["scaled-sinusoidal", "sinusoidal", "learned", "rotary"] = "scaled-sinusoidal"
+    """Positions: fixed sinusoid times one learned scalar, plain sinusoid, learned table, or rotary in attention."""
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    """Normalisation layer type."""
+    norm_position: Literal["pre", "post"] = "pre"
+    """Pre-LN (normalise the branch input) or post-LN (normalise after the residual add, original BERT)."""
+    final_norm: bool = True
+    """A norm after the last block (needed with pre-LN)."""
+    ffn: Literal["geglu", "gelu"] = "geglu"
+    """Feed-forward: gated GELU unit or the original GELU MLP."""
+    bias: bool = False
+    """Biases in the linear layers (QKV, attention output, FFN, head transform)."""
+    head: Literal["simple", "nonlinear"] = "simple"
+    """MLM head: straight to the decoder, or BERT's dense + GELU + norm transform first."""
+    decoder_bias: bool = False
+    """A bias on the vocabulary projection."""
+    tie_embeddings: bool = True
+    """Decode with the input embedding matrix instead of a separate one."""
+    embedding_norm: bool = True
+    """Normalise the summed embeddings."""
+    token_types: int = 0
+    """Segment (token type) embeddings; original BERT has 2 and, without type ids, always adds type 0."""
+    dropout: float = 0.0
+    """Dropout on embeddings, attention probabilities, branch outputs and the classifier input; 0 in pretraining."""
+    attention_backend: str = "sdpa"
+    """Attention kernel: sdpa (torch fused kernels), eager (reference), flash (flash-attn package)."""
+    sparse_prediction: bool = True
+    """Project and score only the masked positions (labels != -100) in training."""
+    init_std: float = 0.02
+    """Standard deviation of the normal init of linear and embedding weights."""
+    layer_norm_eps: float = 1e-12
+    """Epsilon of the norm layers."""
+    pad_token_id: int = 0
+    """Id of [PAD] (the tokenizer's first special token)."""
+    rotary_base: float = 10000.0
+    """Base of the rotary frequencies (position=rotary only)."""
+
+    def __post_init__(self) -> None:
+        choices = {
+            "position": ("scaled-sinusoidal", "sinusoidal", "learned", "rotary"),
+            "norm": ("layernorm", "rmsnorm"),
+            "norm_position": ("pre", "post"),
+            "ffn": ("geglu", "gelu"),
+            "head": ("simple", "nonlinear"),
+            "attention_backend": tuple(BACKENDS),
+        }
+        for key, valid in choices.items():
+            if getattr(self, key) not in valid:
+                raise ConfigError(f"arch.{key}={getattr(self, key)!r} is not one of: {', '.join(valid)}")
+        for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_seq_len"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise ConfigError(f"arch.{key} must be a positive integer, got {getattr(self, key)!r}")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"arch.hidden_size={self.hidden_size} must be divisible by arch.num_heads={self.num_heads}")
+        head_dim = self.hidden_size // self.num_heads
+        if self.position == "rotary" and head_dim % 2:
+            raise ConfigError(f"position=rotary needs an even head size, got {head_dim}")
+        if self.ffn == "geglu" and self.intermediate_size % 2:
+            raise ConfigError(f"arch.ffn=geglu splits intermediate_size in two; {self.intermediate_size} is odd")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"arch.dropout must be in [0, 1), got {self.dropout}")
+        if self.init_std <= 0 or self.layer_norm_eps <= 0:
+            raise ConfigError("arch.init_std and arch.layer_norm_eps must be positive")
+        if self.token_types < 0 or not 0 <= self.pad_token_id < self.vocab_size:
+            raise ConfigError("arch.token_types must be >= 0 and arch.pad_token_id inside the vocabulary")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+def finetuning_config(config: ModelConfig, dropout: float = 0.1) -> ModelConfig:
+    """The same architecture with finetuning dropout (0.1 in the paper)."""
+    return dataclasses.replace(config, dropout=dropout)
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.hidden_size, eps=config.layer_norm_eps)
+    return nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+
+def sinusoid_table(length: int, dim: int) -> torch.Tensor:
+    """The fixed sinusoid of Vaswani et al.: [length, dim], sin on even and cos on odd channels."""
+    position = torch.arange(length, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(length, dim)
+    table[:, 0::2] = torch.sin(position * freq)
+    table[:, 1::2] = torch.cos(position * freq[: dim // 2])
+    return table
+
+
+class Embeddings(nn.Module):
+    """Token embedding + positions (+ segment 0), then norm and dropout."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.position_kind = config.position
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        if config.position == "learned":
+            self.position_embeddings = nn.Embedding(config.max_seq_len, config.hidden_size)
+        elif config.position in ("sinusoidal", "scaled-sinusoidal"):
+            # Persistent so that exported folders are self-contained (loaders never recompute it).
+            self.register_buffer("sinusoid", sinusoid_table(config.max_seq_len, config.hidden_size))
+            if config.position == "scaled-sinusoidal":
+                self.position_scale = nn.Parameter(torch.tensor(1.0 / math.sqrt(config.hidden_size)))
+        if config.token_types:
+            self.token_type_embeddings = nn.Embedding(config.token_types, config.hidden_size)
+        self.norm = make_norm(config) if config.embedding_norm else nn.Identity()
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        length = input_ids.shape[1]
+        x = self.word_embeddings(input_ids)  # [B, L, H]
+        if self.position_kind == "learned":
+            x = x + self.position_embeddings.weight[:length]
+        elif self.position_kind == "sinusoidal":
+            x = x + self.sinusoid[:length]
+        elif self.position_kind == "scaled-sinusoidal":
+            x = x + self.position_scale * self.sinusoid[:length]
+        if hasattr(self, "token_type_embeddings"):
+            x = x + self.token_type_embeddings.weight[0]
+        return self.dropout(self.norm(x))
+
+
+class Rotary(nn.Module):
+    """cos/sin tables of rotary position embedding (Su et al.), applied to q and k in attention."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        dim = config.head_dim
+        inv_freq = 1.0 / config.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+        angles = torch.arange(config.max_seq_len, dtype=torch.float32)[:, None] * inv_freq  # [L, D/2]
+        angles = torch.cat([angles, angles], dim=-1)  # [L, D]
+        self.register_buffer("cos", angles.cos())
+        self.register_buffer("sin", angles.sin())
+
+    def forward(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[None, None, :length], self.sin[None, None, :length]  # [1, 1, L, D] each
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused QKV projection."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads, self.dropout = config.num_heads, config.dropout
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.bias)
+        self.out = nn.Linear(config.hidden_size, config.hidden_size, bias=config.bias)
+        self.backend = get_backend(config.attention_backend)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, rope: tuple | None) -> torch.Tensor:
+        batch, length, hidden = x.shape
+        qkv = self.qkv(x).view(batch, length, 3, self.num_heads, hidden // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, nh, L, D]
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        out = self.backend(q, k, v, mask, self.dropout, self.training)  # [B, nh, L, D]
+        return self.out(out.transpose(1, 2).reshape(batch, length, hidden))
+
+
+class FeedForward(nn.Module):
+    """GEGLU (GELU(x W) * x V, each half of the projection) or the original GELU MLP."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gated = config.ffn == "geglu"
+        inner = config.intermediate_size // 2 if self.gated else config.intermediate_size
+        self.up = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.bias)
+        self.down = nn.Linear(inner, config.hidden_size, bias=config.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.up(x)  # [B, L, I]
+        if self.gated:
+            value, gate = x.chunk(2, dim=-1)  # 2 x [B, L, I/2]
+            return self.down(F.gelu(gate) * value)
+        return self.down(F.gelu(x))
+
+
+class Block(nn.Module):
+    """Attention and feed-forward branches with residuals; pre-LN or post-LN."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.pre_norm = config.norm_position == "pre"
+        self.norm1, self.norm2 = make_norm(config), make_norm(config)
+        self.attn = Attention(config)
+        self.ffn = FeedForward(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, rope: tuple | None = None) -> torch.Tensor:
+        if self.pre_norm:
+            x = x + self.dropout(self.attn(self.norm1(x), mask, rope))
+            return x + self.dropout(self.ffn(self.norm2(x)))
+        x = self.norm1(x + self.dropout(self.attn(x, mask, rope)))
+        return self.norm2(x + self.dropout(self.ffn(x)))
+
+
+class Encoder(nn.Module):
+    """Embeddings, blocks and the final norm: input ids [B, L] -> hidden states [B, L, H]."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embeddings = Embeddings(config)
+        self.rotary = Rotary(config) if config.position == "rotary" else None
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.final_norm = make_norm(config) if config.final_norm else nn.Identity()
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, keep_tokens: int | None = None
+    ) -> torch.Tensor:
+        length = input_ids.shape[1]
+        x = self.embeddings(input_ids)
+        # [B, L] with 1 = real token -> a boolean key mask [B, 1, 1, L] broadcast over heads and queries.
+        mask = None if attention_mask is None else attention_mask[:, None, None, :].bool()
+        rope = self.rotary(length) if self.rotary is not None else None
+        drop = self.training and keep_tokens is not None and keep_tokens < length
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            if drop and 0 < i < last:
+                x = random_ltd.apply_layer(layer, x, keep_tokens, mask, rope)
+            else:
+                x = layer(x, mask, rope)
+        return self.final_norm(x)
+
+
+def init_weights(module: nn.Module, std: float) -> None:
+    """Normal(0, std) for linear and embedding weights, zeros for biases (BERT's init)."""
+    for sub in module.modules():
+        if isinstance(sub, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(sub.weight, std=std)
+        if isinstance(sub, nn.Linear) and sub.bias is not None:
+            nn.init.zeros_(sub.bias)
+
+
+class MLMHead(nn.Module):
+    """Optional BERT transform, then the vocabulary projection (tied to the input embedding by default)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        if config.head == "nonlinear":
+            self.transform = nn.Sequential(
+                nn.Linear(config.hidden_size, config.hidden_size, bias=config.bias), nn.GELU(), make_norm(config)
+            )
+        else:
+            self.transform = nn.Identity()
+        if not config.tie_embeddings:
+            self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size)) if config.decoder_bias else None
+
+    def forward(self, hidden: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        # Tying by using the embedding matrix here (not by sharing a Parameter) keeps state dicts,
+        # safetensors and transformers' loaders free of aliased tensors.
+        weight = self.decoder.weight if hasattr(self, "decoder") else embedding
+        return F.linear(self.transform(hidden), weight, self.bias)
+
+
+class CrammedBertForMLM(nn.Module):
+    """Encoder + MLM head. Training scores only masked positions when `sparse_prediction` is on."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.bert = Encoder(config)
+        self.head = MLMHead(config)
+        init_weights(self, config.init_std)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        masked_positions: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        keep_tokens: int | None = None,
+    ) -> dict[str, torch.Tensor | None]:
+        """input_ids [B, L]; labels [B, L] (-100 = not a target); masked_positions [B, K] (distinct).
+
+        Returns `logits` [B, L, V] (dense), [B, K, V] (masked_positions) or [N, V] (sparse, N masked
+        tokens of the batch), and the mean cross-entropy over targets as `loss` when labels are given.
+        """
+        hidden = self.bert(input_ids, attention_mask, keep_tokens)  # [B, L, H]
+        if masked_positions is not None:
+            # Static shapes for compile: a fixed number K of positions per row.
+            hidden = random_ltd.gather(hidden, masked_positions)  # [B, K, H]
+            if labels is not None:
+                labels = labels.gather(1, masked_positions)  # [B, K]
+        elif labels is not None and self.config.sparse_prediction:
+            labels = labels.reshape(-1)
+            selected = labels != -100  # data-dependent shape: fine in eager, a graph break under compile
+            hidden, labels = hidden.reshape(-1, hidden.shape[-1])[selected], labels[selected]  # [N, H], [N]
+        logits = self.head(hidden, self.bert.embeddings.word_embeddings.weight)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
+        return {"loss": loss, "logits": logits}
+
+
+class CrammedBertForSequenceClassification(nn.Module):
+    """Encoder + [CLS] pooler (dense, tanh) + dropout + linear; one label means regression (MSE)."""
+
+    def __init__(self, config: ModelConfig, num_labels: int) -> None:
+        super().__init__()
+        if num_labels < 1:
+            raise ConfigError(f"num_labels must be >= 1, got {num_labels}")
+        self.config, self.num_labels = config, num_labels
+        self.bert = Encoder(config)
+        self.pooler = nn.Linear(config.hidden_size, config.hidden_size, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+        self.classifier = nn.Linear(config.hidden_size, num_labels)
+        init_weights(self, config.init_std)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor | None]:
+        hidden = self.bert(input_ids, attention_mask)  # random-LTD is never used in finetuning
+        pooled = torch.tanh(self.pooler(hidden[:, 0]))  # [B, H]
+        logits = self.classifier(self.dropout(pooled))  # [B, num_labels]
+        loss = None
+        if labels is not None:
+            if self.num_labels == 1:
+                loss = F.mse_loss(logits.squeeze(-1).float(), labels.float())
+            else:
+                loss = F.cross_entropy(logits.float(), labels.long())
+        return {"loss": loss, "logits": logits}
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def training_flops_per_sequence(config: ModelConfig, seq_len: int, num_masked: int) -> float:
+    """Model FLOPs of one forward + backward pass over one sequence (for MFU).
+
+    Counts matrix multiplications only, 2 FLOPs per multiply-add, and the backward pass as twice
+    the forward (the usual 6 * params * tokens rule): per token and layer the QKV, output and
+    feed-forward projections, plus attention's q k^T and probs @ v (2 * L * H multiply-adds per
+    token); the head's transform and vocabulary projection over the predicted positions only
+    (`num_masked` with sparse prediction, all `seq_len` otherwise). Embedding lookups, norms,
+    activations and softmax are not counted; random-LTD savings are not subtracted.
+    """
+    h, inter = config.hidden_size, config.intermediate_size
+    ffn = h * inter + (inter // 2) * h if config.ffn == "geglu" else 2 * h * inter
+    per_token_layer = 4 * h * h + ffn + 2 * seq_len * h
+    predicted = num_masked if config.sparse_prediction else seq_len
+    head = (h * h if config.head == "nonlinear" else 0) + h * config.vocab_size
+    macs = seq_len * config.num_layers * per_token_layer + predicted * head
+    return 6.0 * macs

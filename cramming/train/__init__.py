@@ -1,0 +1,1 @@
+"""`cram pretrain`: the budgeted trainer (loop, schedules, budget clock, checkpoints, DDP)."""

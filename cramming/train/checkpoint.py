@@ -1,0 +1,256 @@
+"""Atomic checkpoints of everything needed to continue a run, and the run-directory lock.
+
+Layout under `<run_dir>/checkpoints/`:
+
+    step-00001234/model.safetensors   the un-compiled module's weights (tied tensors stored once)
+    step-00001234/state.pt            optimizer, scaler, counters, data position, RNG states
+                                      (torch.save of tensors and plain values; loaded with
+                                      weights_only=True, so a crafted pickle is refused)
+    step-00001234/config.yaml         the resolved config of the run
+    step-00001234/meta.json           written last: step, elapsed, sha256 of each file above
+    latest.json                       {"dir": "step-00001234"}, replaced atomically
+
+A checkpoint is first written to a hidden temporary folder, each file fsynced, then the folder is
+renamed into place and `latest.json` replaced: a crash at any moment leaves the previous complete
+checkpoint untouched and never exposes a partial one. Loading verifies every sha256 and names the
+file that fails.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
+
+from cramming.errors import CheckpointError, CrammingError
+
+CHECKPOINT_DIR = "checkpoints"
+LATEST = "latest.json"
+META = "meta.json"
+FORMAT_VERSION = 1
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some filesystems do not allow opening directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` via a temporary file, fsync and rename: readers see old or new, never half."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def save_checkpoint(
+    run_dir: Path,
+    model: torch.nn.Module,
+    state: dict[str, Any],
+    config_text: str,
+    step: int,
+    keep: int = 2,
+) -> Path:
+    """Write checkpoint `step` atomically and return its folder; older ones beyond `keep` are pruned.
+
+    `state` holds tensors and plain Python values only (optimizer/scaler state dicts, counters,
+    RNG states as tensors or lists), so it loads with `weights_only=True`.
+    """
+    root = Path(run_dir) / CHECKPOINT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:08d}"
+    final = root / name
+    tmp = root / f".tmp-{name}-{os.getpid()}-{time.monotonic_ns()}"
+    tmp.mkdir()
+    try:
+        save_model(model, str(tmp / "model.safetensors"))
+        torch.save(state, tmp / "state.pt")
+        (tmp / "config.yaml").write_text(config_text)
+        files = {}
+        for fname in ("model.safetensors", "state.pt", "config.yaml"):
+            _fsync_file(tmp / fname)
+            files[fname] = _sha256(tmp / fname)
+        meta = {"format_version": FORMAT_VERSION, "step": step, "elapsed_s": state.get("elapsed_s"),
+                "files": files, "written_at": time.time()}
+        with open(tmp / META, "w") as handle:
+            json.dump(meta, handle, indent=2)
+            handle.flush()
+            os.fsync(handle.fileno())
+        _fsync_dir(tmp)
+        if final.exists():
+            # Same step saved twice (e.g. a signal right after the final save): the existing one is
+            # complete (it has a meta.json, or it would not have been renamed), so keep it.
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, final)
+            _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    write_atomic(root / LATEST, json.dumps({"dir": name, "step": step}).encode())
+    _prune(root, keep, protect=name)
+    return final
+
+
+def _prune(root: Path, keep: int, protect: str) -> None:
+    complete = sorted(p for p in root.glob("step-*") if p.is_dir())
+    for old in complete[:-keep] if keep > 0 else []:
+        if old.name != protect:
+            shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".tmp-*"):  # leftovers of a process killed mid-write
+        pid = stale.name.split("-")[-2] if stale.name.count("-") >= 3 else ""
+        if not (pid.isdigit() and _pid_alive(int(pid))):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint folder of a run, or None if it has none."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    pointer = root / LATEST
+    if pointer.is_file():
+        try:
+            target = root / json.loads(pointer.read_text())["dir"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{pointer} is corrupt ({err}); delete it to fall back to the newest step-* folder") from None
+        if (target / META).is_file():
+            return target
+    candidates = sorted(p for p in root.glob("step-*") if (p / META).is_file())
+    return candidates[-1] if candidates else None
+
+
+def load_checkpoint(ckpt_dir: Path, model: torch.nn.Module) -> tuple[dict[str, Any], str]:
+    """Verify and load a checkpoint: weights into `model`; returns (state, config_text).
+
+    Raises CheckpointError naming the file when anything is missing, altered or unreadable.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    meta_path = ckpt_dir / META
+    try:
+        meta = json.loads(meta_path.read_text())
+        files = meta["files"]
+    except FileNotFoundError:
+        raise CheckpointError(f"{meta_path} is missing: {ckpt_dir} is not a complete checkpoint") from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{meta_path} is corrupt ({err})") from None
+    for fname, digest in files.items():
+        path = ckpt_dir / fname
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint file {path} is missing")
+        if _sha256(path) != digest:
+            raise CheckpointError(
+                f"checkpoint file {path} is corrupt (sha256 mismatch); an older checkpoint may remain in "
+                f"{ckpt_dir.parent}"
+            )
+    try:
+        load_model(model, str(ckpt_dir / "model.safetensors"), strict=True)
+    except (SafetensorError, RuntimeError, OSError) as err:
+        raise CheckpointError(f"cannot load weights from {ckpt_dir / 'model.safetensors'}: {err}") from None
+    try:
+        state = torch.load(ckpt_dir / "state.pt", map_location="cpu", weights_only=True)
+    except Exception as err:  # an UnpicklingError for anything but tensors and plain values
+        raise CheckpointError(f"cannot load {ckpt_dir / 'state.pt'} safely: {err}") from None
+    return state, (ckpt_dir / "config.yaml").read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# The run-directory lock
+# ---------------------------------------------------------------------------------------------
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+class RunLock:
+    """An exclusive lock on a run directory, so two runs never interleave writes into one folder.
+
+    The lock file holds the owner's host and PID. A lock left behind by a dead process on this host
+    is taken over; a live owner makes the second run fail with a message naming it.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / ".lock"
+        self.held = False
+
+    def acquire(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = json.dumps({"pid": os.getpid(), "host": socket.gethostname()})
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    owner = json.loads(self.path.read_text())
+                    pid, host = int(owner["pid"]), owner["host"]
+                except (OSError, ValueError, KeyError, TypeError):
+                    pid, host = -1, socket.gethostname()  # unreadable: a writer died mid-write
+                if host != socket.gethostname():
+                    raise CrammingError(
+                        f"run directory {self.path.parent} is locked by pid {pid} on host {host}; "
+                        f"if that run is dead, delete {self.path}"
+                    ) from None
+                if pid != os.getpid() and _pid_alive(pid):
+                    raise CrammingError(
+                        f"run directory {self.path.parent} is in use by another run (pid {pid}); "
+                        f"wait for it to finish or choose another run_name"
+                    ) from None
+                self.path.unlink(missing_ok=True)  # stale: its owner is gone
+                continue
+            with os.fdopen(fd, "w") as handle:
+                handle.write(me)
+            self.held = True
+            return self
+        raise CrammingError(f"could not take the lock {self.path}; another process keeps recreating it")
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -1,0 +1,32 @@
+"""Smoke test of `cram bench model`: it runs tiny and reports sane numbers (no timing asserts)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from cramming import bench
+
+
+@pytest.mark.slow
+def test_bench_model_runs_and_reports_sane_numbers(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = bench.main(["model", "--device", "cpu", "--hidden", "32", "--layers", "2", "--heads", "2", "--vocab", "200",
+                       "--seq-len", "32", "--batch-size", "4", "--repeats", "2", "--steps", "2", "--warmup", "1",
+                       "--threads", "1", "--out", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert [r["model"] for r in report["results"]] == ["crammed-bert", "BertForMaskedLM (sdpa)"]
+    for r in report["results"]:
+        assert r["tokens_per_s"] > 0 and math.isfinite(r["tokens_per_s"]) and len(r["tokens_per_s_all"]) == 2
+        assert r["flops_per_seq"] > 0 and math.isfinite(r["final_loss"]) and r["mfu"] is None
+    assert report["results"][1]["ratio"] == 1.0 and report["num_masked"] == 8
+    table = capsys.readouterr().out
+    assert "| crammed-bert |" in table and "tokens/s" in table
+
+
+def test_bench_rejects_unknown_arch():
+    with pytest.raises(SystemExit):
+        bench.main(["model", "--arch", "nope"])

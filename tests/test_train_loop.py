@@ -1,0 +1,264 @@
+"""The training loop end to end on CPU: tiny model, tiny data, seconds-long budgets.
+
+Subprocess tests run this file as a script (`python tests/test_train_loop.py <run_dir> ...`) so a
+real process can be killed or signalled mid-run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cramming.config import GpuProfile
+from cramming.errors import CrammingError
+from cramming.train.checkpoint import RunLock, latest_checkpoint
+from cramming.train.trainer import NAN_STEPS_ENV, Interrupted, RandomLTDConfig, TrainConfig, pretrain
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_data(root: Path) -> Path:
+    from cramming.data.prepare import DataConfig, prepare
+
+    os.environ.setdefault("CRAMMING_NO_PROGRESS", "1")
+    cfg = DataConfig(name="tiny", source="embedded", embedded_files=["moby_dick"], max_chars=300_000,
+                     vocab_size=300, seq_len=32, val_fraction=0.05, compression_threshold=1.0)
+    return prepare(cfg, root)
+
+
+def tiny_arch():
+    from cramming.model.bert import ModelConfig
+
+    return ModelConfig(name="tiny-test", hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_seq_len=32)
+
+
+GPU = GpuProfile(name="cpu", micro_batch_size=16, target_batch_size=64, num_workers=0)
+
+
+def train_cfg(**overrides) -> TrainConfig:
+    base = dict(log_interval=2, eval_batches=4, checkpoint_interval_minutes=0.0, reserve_margin_s=1.0)
+    return TrainConfig(**{**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return tiny_data(tmp_path_factory.mktemp("data"))
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_time_budget_run_ends_in_budget_with_export_and_falling_loss(data_dir, tmp_path) -> None:
+    from cramming.model.export import load_model
+
+    budget = 12.0
+    start = time.monotonic()
+    final = pretrain(train_cfg(lr=3e-3), tiny_arch(), GPU, data_dir, tmp_path, budget_s=budget, seed=0)
+    wall = time.monotonic() - start
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["elapsed_s"] <= budget + 1.0, summary  # overrun within a second
+    assert wall <= budget + 2.0
+    assert summary["elapsed_s"] >= 0.6 * budget  # and the budget was actually used
+    for key in ("budget_s", "steps", "tokens_seen", "final_loss", "val_loss", "tokens_per_s", "mfu", "device",
+                "gpu_profile", "precision", "compile", "skipped_steps", "layer_tokens_saved"):
+        assert key in summary
+    assert summary["compile"] == "eager" and summary["skipped_steps"] == 0 and summary["device"] == "cpu"
+    recs = records(tmp_path)
+    train = [r for r in recs if r.get("event") != "eval"]
+    evals = [r for r in recs if r.get("event") == "eval"]
+    assert {"step", "elapsed_s", "progress", "loss", "lr", "batch_size", "tokens_seen", "tokens_per_s", "mfu"} <= set(train[0])
+    assert train[-1]["loss"] < train[0]["loss"] - 0.3
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.3
+    assert train[-1]["batch_size"] == 64 and train[0]["batch_size"] < 64  # the ramp ran to the target
+    # The LR is the one-cycle schedule of progress, and the run went well past the peak.
+    from cramming.train.schedules import lr_factor
+
+    assert all(r["lr"] == pytest.approx(3e-3 * lr_factor(r["progress"], "one-cycle", 0.5), rel=1e-4, abs=1e-9) for r in train)
+    assert train[-1]["progress"] > 0.6 and max(r["lr"] for r in train) <= 3e-3
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+    model = load_model(final)
+    assert summary["val_loss"] == pytest.approx(evals[-1]["val_loss"])
+    assert json.loads((final / "config.json").read_text())["cramming_training"]["steps"] == summary["steps"]
+    assert sum(p.numel() for p in model.parameters()) > 0
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_step_and_token_budgets(data_dir, tmp_path) -> None:
+    pretrain(train_cfg(budget_kind="steps", budget_steps=7), tiny_arch(), GPU, data_dir, tmp_path / "s")
+    assert json.loads((tmp_path / "s" / "summary.json").read_text())["steps"] == 7
+    pretrain(train_cfg(budget_kind="tokens", budget_tokens=10_000, ramp_fraction=0.0), tiny_arch(), GPU, data_dir,
+             tmp_path / "t")
+    summary = json.loads((tmp_path / "t" / "summary.json").read_text())
+    assert summary["tokens_seen"] == 5 * 64 * 32  # 2048 tokens a step: the 5th step crosses 10k
+
+
+def test_nan_loss_is_skipped_and_counted(data_dir, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv(NAN_STEPS_ENV, "2,3")
+    pretrain(train_cfg(budget_kind="steps", budget_steps=6), tiny_arch(), GPU, data_dir, tmp_path / "a")
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summary["skipped_steps"] == 2 and summary["steps"] == 6
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records(tmp_path / "a") if r.get("loss") is not None)
+    # Too many in a row: stop with a clear message and a checkpoint.
+    monkeypatch.setenv(NAN_STEPS_ENV, ",".join(str(i) for i in range(100)))
+    with pytest.raises(Interrupted, match="3 non-finite steps in a row") as stop:
+        pretrain(train_cfg(budget_kind="steps", budget_steps=50, max_nonfinite_steps=3), tiny_arch(), GPU, data_dir,
+                 tmp_path / "b")
+    assert stop.value.exit_code == 3
+    assert latest_checkpoint(tmp_path / "b").name == "step-00000003"
+
+
+def test_random_ltd_logs_keep_and_savings(data_dir, tmp_path) -> None:
+    from cramming.model.bert import ModelConfig
+
+    arch = ModelConfig(name="ltd", hidden_size=32, num_layers=4, num_heads=2, intermediate_size=64, max_seq_len=32)
+    cfg = train_cfg(budget_kind="steps", budget_steps=10, log_interval=1,
+                    random_ltd=RandomLTDConfig(enabled=True, start_keep=16, full_at_fraction=0.5, granularity=8))
+    pretrain(cfg, arch, GPU, data_dir, tmp_path)
+    train = [r for r in records(tmp_path) if r.get("event") != "eval"]
+    assert [r["keep_tokens"] for r in train] == [16, 16, 16, 24, 24, 32, 32, 32, 32, 32]
+    expected = sum(r["batch_size"] * 2 * (32 - r["keep_tokens"]) for r in train)
+    assert train[-1]["layer_tokens_saved"] == expected > 0
+    assert json.loads((tmp_path / "summary.json").read_text())["layer_tokens_saved"] == expected
+
+
+def test_second_run_in_same_folder_refuses(data_dir, tmp_path) -> None:
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        import socket
+
+        tmp_path.mkdir(exist_ok=True)
+        (tmp_path / ".lock").write_text(json.dumps({"pid": child.pid, "host": socket.gethostname()}))
+        with pytest.raises(CrammingError, match="in use by another run"):
+            pretrain(train_cfg(budget_kind="steps", budget_steps=2), tiny_arch(), GPU, data_dir, tmp_path)
+        assert not (tmp_path / "metrics.jsonl").exists()
+    finally:
+        child.kill()
+        child.wait()
+    with RunLock(tmp_path):
+        pass
+
+
+# --- subprocesses: signals, SIGKILL + resume, DDP ---------------------------------------------------
+
+
+def _spawn(run_dir: Path, data_dir: Path, budget: float, resume: bool = False) -> subprocess.Popen:
+    args = [sys.executable, __file__, "run", str(run_dir), str(data_dir), str(budget), "1" if resume else "0"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
+
+
+def _wait_for_steps(run_dir: Path, steps: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        path = run_dir / "metrics.jsonl"
+        if path.is_file() and any(r.get("step", 0) >= steps for r in records(run_dir) if r.get("event") != "eval"):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no step {steps} within {timeout}s")
+
+
+def test_sigterm_writes_checkpoint_and_exits_zero(data_dir, tmp_path) -> None:
+    proc = _spawn(tmp_path, data_dir, 120)
+    _wait_for_steps(tmp_path, 4)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "received SIGTERM: checkpoint written" in out
+    ckpt = latest_checkpoint(tmp_path)
+    assert int(ckpt.name.split("-")[1]) >= 4
+    assert not (tmp_path / ".lock").exists() and not (tmp_path / "final").exists()
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_continues_elapsed_and_steps(data_dir, tmp_path) -> None:
+    budget = 14.0
+    proc = _spawn(tmp_path, data_dir, budget)  # checkpoints every 0.03 min = 1.8 s
+    _wait_for_steps(tmp_path, 1)
+    time.sleep(4.0)
+    proc.kill()
+    proc.wait()
+    ckpt = latest_checkpoint(tmp_path)
+    saved = torch.load(ckpt / "state.pt", weights_only=True)["counters"]
+    killed_at = max(r["elapsed_s"] for r in records(tmp_path))
+    assert saved["step"] > 0 and saved["elapsed_s"] > 1.0
+    # At most one checkpoint interval (plus one step and the logging lag) of training is lost.
+    assert killed_at - saved["elapsed_s"] <= 1.8 + 1.5
+    proc = _spawn(tmp_path, data_dir, budget, resume=True)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    recs = records(tmp_path)
+    resumed = [r for r in recs if r.get("event") != "eval" and r["step"] > saved["step"]]
+    assert resumed and resumed[0]["elapsed_s"] >= saved["elapsed_s"]  # the clock continued
+    assert summary["steps"] > saved["step"]
+    assert summary["elapsed_s"] <= budget + 1.0  # total budget across both processes
+    assert (tmp_path / "final" / "model.safetensors").is_file()
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, data_dir: str, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from safetensors.torch import save_file
+
+    from cramming.model import bert
+
+    built = []
+
+    class Capture(bert.CrammedBertForMLM):
+        def __init__(self, config):
+            super().__init__(config)
+            built.append(self)
+
+    bert.CrammedBertForMLM = Capture  # keep a handle on this rank's model
+    torch.set_num_threads(1)
+    pretrain(train_cfg(budget_kind="steps", budget_steps=6, checkpoint_interval_minutes=0.0),
+             tiny_arch(), GPU, data_dir, Path(out_dir) / "run")
+    save_file({k: v.contiguous() for k, v in built[0].state_dict().items()}, f"{out_dir}/rank{rank}.safetensors")
+
+
+def test_ddp_two_process_gloo_identical_weights(data_dir, tmp_path) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(data_dir), str(tmp_path)), nprocs=2, join=True)
+    w0, w1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
+    assert w0.keys() == w1.keys()
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 6
+    # Each step saw a global batch: the ramp counts micro-batches over both ranks.
+    assert all(r["batch_size"] % 32 == 0 for r in records(tmp_path / "run") if r.get("event") != "eval")
+
+
+def _main(argv: list[str]) -> int:
+    """Subprocess entry: `run <run_dir> <data_dir> <budget_s> <resume 0|1>`."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    run_dir, data_dir, budget, resume = Path(argv[1]), Path(argv[2]), float(argv[3]), argv[4] == "1"
+    torch.set_num_threads(1)
+    try:
+        pretrain(train_cfg(checkpoint_interval_minutes=0.03, log_interval=1), tiny_arch(), GPU, data_dir, run_dir,
+                 budget_s=budget, resume=resume)
+    except Interrupted as stop:
+        print(f"cram pretrain: {stop}", flush=True)
+        return stop.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
