@@ -139,11 +139,23 @@ def _group_options() -> list[tuple[str, str]]:
     return sorted((g.name, f.stem) for g in groups for f in g.glob("*.yaml"))
 
 
-@pytest.mark.parametrize(("group", "option"), _group_options())
-def test_every_shipped_config_composes(group, option):
-    overrides = [f"+{group}={option}"] if group == "experiment" else [f"{group}={option}"]
+def _group_dataclasses() -> dict:
+    from cramming.data.prepare import DataConfig
+    from cramming.glue import GlueConfig
+    from cramming.model.bert import ModelConfig
+    from cramming.train.trainer import TrainConfig
+
+    return {"gpu": GpuProfile, "arch": ModelConfig, "data": DataConfig, "train": TrainConfig, "glue": GlueConfig}
+
+
+@pytest.mark.parametrize(("group", "option"), [g for g in _group_options() if g[0] != "experiment"])
+def test_every_shipped_config_composes_into_its_dataclass(group, option):
+    # data=local needs the user's files; any path will do for composition.
+    extra = ["data.local_paths=[corpus]"] if (group, option) == ("data", "local") else []
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
-    if group != "experiment":
-        assert cfg[group].name in (option, "auto") or group == "gpu"
+        cfg = compose(config_name="config", overrides=[f"{group}={option}", *extra])
+    assert cfg[group].name == option
+    # Every key of every shipped option is a field of its stage's dataclass, and its values validate.
+    node = resolve_gpu(cfg.gpu) if group == "gpu" else to_dataclass(_group_dataclasses()[group], cfg[group], group)
+    assert node.name == (option if option != "auto" else node.name)
     OmegaConf.to_container(cfg, resolve=False)
