@@ -209,15 +209,26 @@ def discover(path: str | Path) -> list[Run]:
     if len(pretrains) <= 1 and len(glues) <= 1:
         # A demo/reproduce folder (pretrain/ + glue/, or one of them): one run, named after the folder.
         return [Run(root.name, root, pretrains[0] if pretrains else None, glues[0] if glues else None)]
-    runs = [Run(p.path.name, p.path, p) for p in pretrains]
-    for g in glues:
-        ckpt = str(g.results.get("checkpoint", {}).get("path", ""))
-        owner = next((r for r in runs if ckpt and r.pretrain and _same_path(ckpt, r.path / "final")), None)
-        if owner is not None and owner.glue is None:
-            owner.glue = g
-        else:
-            runs.append(Run(g.path.name, g.path, glue=g))
-    return runs
+    return [Run(p.path.name, p.path, p) for p in pretrains] + [Run(g.path.name, g.path, glue=g) for g in glues]
+
+
+def attach_glue(runs: list[Run]) -> list[Run]:
+    """Merge each GLUE-only run into the pretraining run whose `final/` it finetuned.
+
+    So `cram report outputs/pretrain/<run> outputs/glue/<run>` reads as one run with its GLUE
+    table, however the folders were given.
+    """
+    merged: list[Run] = []
+    for run in runs:
+        if run.glue is not None and run.pretrain is None:
+            ckpt = str(run.glue.results.get("checkpoint", {}).get("path", ""))
+            owner = next((r for r in merged if ckpt and r.pretrain and r.glue is None
+                          and _same_path(ckpt, r.path / "final")), None)
+            if owner is not None:
+                owner.glue = run.glue
+                continue
+        merged.append(run)
+    return merged
 
 
 def _unique_labels(runs: list[Run]) -> None:
@@ -629,6 +640,7 @@ def build_report(paths: list[str | Path], out: str | Path | None = None, name: s
     runs: list[Run] = []
     for p in paths:
         runs.extend(discover(p))
+    runs = attach_glue(runs)
     if not runs:
         raise ReportError("no runs given")
     _unique_labels(runs)

@@ -171,9 +171,18 @@ def test_folder_of_runs_pairs_glue_with_its_checkpoint(tmp_path):
     p1 = make_pretrain_run(root / "p1")
     p2 = make_pretrain_run(root / "p2")
     make_glue_run(root / "zz-glue-of-p1", ckpt=p1 / "final")
-    runs = report.discover(root)
+    runs = report.attach_glue(report.discover(root))
     assert [(r.label, r.glue is not None) for r in runs] == [("p1", True), ("p2", False)]
     assert p2 is not None
+
+
+def test_runs_given_separately_are_paired(tmp_path):
+    pre = make_pretrain_run(tmp_path / "outputs" / "pretrain" / "run")
+    glue = make_glue_run(tmp_path / "outputs" / "glue" / "run", ckpt=pre / "final")
+    path = report.build_report([pre, glue], out=tmp_path / "rep")
+    md = path.read_text()
+    assert "comparison" not in md.lower().split("\n")[0]  # one run, not two
+    assert "### GLUE (dev)" in md
 
 
 def test_unfinished_run_reports_from_metrics(tmp_path):
