@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import types
 import typing
@@ -36,22 +37,88 @@ def to_container(node: Any) -> Any:
     return node
 
 
+def _describe(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _bad_type(tp: Any, value: Any, where: str) -> ConfigError:
+    return ConfigError(f"{where}={value!r} has the wrong type: expected {_describe(tp)}, got {type(value).__name__}")
+
+
 def _convert(tp: Any, value: Any, where: str) -> Any:
+    """Check `value` against the field type `tp` (coercing int to float, a whole float to int and a
+    number to str), so a wrongly typed override fails here with a ConfigError naming the key rather
+    than later as a TypeError or AttributeError deep inside a stage."""
     origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp) and isinstance(value, dict):
-        return to_dataclass(tp, value, where)
+    if tp is Any or tp is object:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, dict):
+            return to_dataclass(tp, value, where)
+        if isinstance(value, tp):
+            return value
+        raise _bad_type(tp, value, where)
     if origin in (typing.Union, types.UnionType):
-        for arm in typing.get_args(tp):
+        arms = typing.get_args(tp)
+        if value is None and type(None) in arms:
+            return None
+        for arm in arms:
             if dataclasses.is_dataclass(arm) and isinstance(value, dict):
                 return to_dataclass(arm, value, where)
-        return value
-    if origin in (list, tuple) and isinstance(value, (list, tuple)):
-        args = typing.get_args(tp)
+        first: ConfigError | None = None
+        for arm in arms:
+            if arm is type(None):
+                continue
+            try:
+                return _convert(arm, value, where)
+            except ConfigError as err:
+                first = first or err
+        raise _bad_type(tp, value, where) if first is None or len(arms) > 2 else first
+    if origin is Literal:
+        if any(value == a and type(value) is type(a) for a in typing.get_args(tp)):
+            return value
+        raise ConfigError(f"{where}={value!r} must be {_describe(tp)}")
+    if origin in (list, tuple, typing.Sequence) or tp in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise _bad_type(tp, value, where)
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        if origin is tuple and len(args) > 1:
+            if len(value) != len(args):
+                raise ConfigError(f"{where}={value!r} must have {len(args)} items")
+            return tuple(_convert(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
         inner = args[0] if args else Any
         items = [_convert(inner, v, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise _bad_type(tp, value, where)
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _bad_type(tp, value, where)
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():  # e.g. 1e6 written for a count
+            return int(value)
+        raise _bad_type(tp, value, where)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise _bad_type(tp, value, where)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):  # data.name=2024 parses as int
+            return str(value)
+        raise _bad_type(tp, value, where)
+    if tp is Path:
+        if isinstance(value, (str, Path)):
+            return Path(value)
+        raise _bad_type(tp, value, where)
     return value
 
 
@@ -92,6 +159,35 @@ def config_hash(obj: Any, length: int = 12) -> str:
         obj = dataclasses.asdict(obj)
     text = json.dumps(to_container(obj), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+# ---------------------------------------------------------------------------------------------
+# Fault injection (tests only)
+# ---------------------------------------------------------------------------------------------
+
+FAULT_ENV = "CRAMMING_FAULT"
+_fault_hits: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """Kill this process with SIGKILL here when `CRAMMING_FAULT` selects this point.
+
+    The reliability suite (tests/reliability/) uses it to crash a stage at an exact moment, e.g.
+    in the middle of a checkpoint write, which a timed kill hits only by luck. The value is
+    `<point>` (first hit), `<point>:<n>` (n-th hit) or `*:<n>` (the n-th hit of any point, a
+    "random moment" drawn by the test). Unset, this costs one dict lookup per call.
+    """
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    point, _, nth = spec.partition(":")
+    if point not in (name, "*"):
+        return
+    _fault_hits[point] = _fault_hits.get(point, 0) + 1
+    if _fault_hits[point] >= int(nth or 1):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ---------------------------------------------------------------------------------------------

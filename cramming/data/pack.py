@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from cramming.config import fault_point
 from cramming.data.filters import passes_compression
 
 
@@ -170,6 +171,7 @@ def encode_and_pack(spool: Path, offsets: np.ndarray, tokenizer_json: str, sep_i
 
     def consume(results: Iterator[EncodedBatch]) -> None:
         for res in results:
+            fault_point("data.tokenize")
             packer.add(res.ids)
             counts["documents_filtered"] += res.filtered
             counts["chars_filtered"] += res.chars_filtered

@@ -8,6 +8,7 @@ finished; the next run removes stale temporary folders and starts again.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -20,7 +21,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from cramming.config import config_hash, to_dataclass
+from cramming.config import config_hash, fault_point, to_dataclass
 from cramming.data.sources import HubSource
 from cramming.data.tokenizer import TOKENIZER_KINDS
 from cramming.errors import ConfigError, DataError
@@ -212,6 +213,9 @@ def _clean_stale(final: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}
+
+
 def _progress() -> bool:
     return os.environ.get("CRAMMING_NO_PROGRESS", "") in ("", "0")
 
@@ -234,10 +238,23 @@ def prepare(data_cfg: DataConfig, data_root: str | Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        manifest = _build(data_cfg, tmp)
-        from cramming.data.shards import write_json_atomic
+        from cramming.data.shards import manifest_digest, sha256_file, write_json_atomic
 
-        write_json_atomic(tmp / MANIFEST, manifest)
+        try:
+            manifest = _build(data_cfg, tmp)
+            manifest["tokenizer_sha256"] = sha256_file(tmp / manifest["tokenizer"])
+            manifest["manifest_sha256"] = manifest_digest(manifest)
+            write_json_atomic(tmp / MANIFEST, manifest)
+        except OSError as err:
+            if err.errno not in _DISK_ERRNOS:
+                raise
+            # Disk full / quota / I/O error while writing shards or the manifest: the temporary
+            # folder is removed below and no earlier output is touched; say so without a traceback.
+            raise DataError(
+                f"writing {tmp} failed: {err.strerror or err} (errno {err.errno}); nothing was kept "
+                f"(the partial folder is removed). Free space under {final.parent} and run `cram data` again"
+            ) from None
+        fault_point("data.rename")  # complete inside the temporary folder, not yet renamed
         try:
             os.rename(tmp, final)
         except OSError:

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from cramming.config import fault_point
 from cramming.errors import DataError
 
 FORMAT_VERSION = 1
@@ -40,12 +41,25 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of a manifest's canonical JSON without its own `manifest_sha256` field.
+
+    Stored in the manifest, it makes any change to the file detectable (a flipped digit in a row
+    count or a config value would otherwise still parse as valid JSON).
+    """
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON to a temporary name, fsync, rename: readers see the old file or the new one."""
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    text = json.dumps(obj, indent=2, sort_keys=False) + "\n"
     with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=False)
-        fh.write("\n")
+        fh.write(text[:len(text) // 2])
+        fh.flush()
+        fault_point("data.manifest")  # a crash half-way through the file
+        fh.write(text[len(text) // 2:])
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
@@ -95,6 +109,7 @@ class ShardWriter:
             take = min(len(rows) - start, self.rows_per_shard - self._rows)
             data = rows[start:start + take].tobytes()
             self._fh.write(data)
+            fault_point("data.shard_write")
             self._hash.update(data)
             if self.with_labels:
                 assert labels is not None
@@ -128,7 +143,7 @@ def load_manifest(folder: str | Path) -> dict[str, Any]:
         )
     try:
         manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, ValueError) as err:  # ValueError: invalid JSON or invalid UTF-8
         raise DataError(f"{path} is not valid JSON ({err}); delete {folder} and run `cram data` again") from None
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
     if version != FORMAT_VERSION:
@@ -147,6 +162,13 @@ def load_manifest(folder: str | Path) -> dict[str, Any]:
                     missing.append(shard[key])
     if missing:
         raise DataError(f"{folder} is incomplete: missing {', '.join(missing)}; delete it and run `cram data` again")
+    # Integrity (manifests written before these fields existed skip the check).
+    if "manifest_sha256" in manifest and manifest_digest(manifest) != manifest["manifest_sha256"]:
+        raise DataError(f"{path} fails its checksum (corrupt or edited); delete {folder} and run `cram data` again")
+    tok_digest = manifest.get("tokenizer_sha256")
+    if tok_digest is not None and sha256_file(folder / manifest["tokenizer"]) != tok_digest:
+        raise DataError(f"tokenizer file {folder / manifest['tokenizer']} fails its sha256 check (corrupt or "
+                        f"tampered); delete {folder} and run `cram data` again")
     return manifest
 
 

@@ -37,7 +37,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from cramming.config import GpuProfile, config_hash, resolve_gpu, to_dataclass
+from cramming.config import GpuProfile, config_hash, fault_point, resolve_gpu, to_dataclass
 from cramming.errors import CheckpointError, ConfigError
 from cramming.glue import GlueConfig
 from cramming.glue import metrics as M
@@ -377,6 +377,7 @@ def finetune_trial(source: Source, spec: TaskSpec, train: Encoded, dev: dict[str
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
+            fault_point("glue.trial")
             loss_sum += loss.detach()
         train_loss = float(loss_sum.item()) / max(1, len(loader))
         record: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "lr": scheduler.get_last_lr()[0],
@@ -408,6 +409,7 @@ def atomic_write(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
+        fault_point("glue.results")  # the new results are in the temporary file, not yet renamed
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -633,4 +635,9 @@ def run(cfg: DictConfig) -> None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     log.info("cram glue: %s on %s (%s, %s); output %s", source.path, ", ".join(
         [*gcfg.tasks, *(c.name for c in gcfg.custom_tasks)]), profile.name, profile.precision, out_dir)
-    run_glue(gcfg, source, out_dir, profile, int(cfg.get("seed", 0) or 0))
+    from cramming.train.checkpoint import RunLock
+
+    # Two `cram glue` runs with the same run_name would interleave their results.json rewrites
+    # (each dropping the other's trials): the second one refuses instead.
+    with RunLock(out_dir):
+        run_glue(gcfg, source, out_dir, profile, int(cfg.get("seed", 0) or 0))

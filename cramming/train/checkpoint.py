@@ -31,6 +31,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
+from cramming.config import fault_point
 from cramming.errors import CheckpointError, CrammingError
 
 CHECKPOINT_DIR = "checkpoints"
@@ -98,6 +99,7 @@ def save_checkpoint(
     tmp.mkdir()
     try:
         save_model(model, str(tmp / "model.safetensors"))
+        fault_point("ckpt.write")  # weights written, state and meta.json not yet
         torch.save(state, tmp / "state.pt")
         (tmp / "config.yaml").write_text(config_text)
         files = {}
@@ -111,6 +113,7 @@ def save_checkpoint(
             handle.flush()
             os.fsync(handle.fileno())
         _fsync_dir(tmp)
+        fault_point("ckpt.rename")  # complete in the temporary folder, not yet renamed
         if final.exists():
             # Same step saved twice (e.g. a signal right after the final save): the existing one is
             # complete (it has a meta.json, or it would not have been renamed), so keep it.
@@ -118,12 +121,57 @@ def save_checkpoint(
         else:
             os.replace(tmp, final)
             _fsync_dir(root)
+    except OSError as err:
+        # Disk full, quota, I/O error: the partial folder goes, the previous checkpoint (and
+        # latest.json naming it) is untouched, so say that rather than show a raw traceback.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(_write_failed(root, name, err)) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    write_atomic(root / LATEST, json.dumps({"dir": name, "step": step}).encode())
+    fault_point("ckpt.latest")  # renamed, latest.json still names the previous checkpoint
+    try:
+        write_atomic(root / LATEST, json.dumps({"dir": name, "step": step}).encode())
+    except OSError as err:
+        # latest.json still names the previous checkpoint; `latest_checkpoint` also finds the
+        # complete new folder, so either one is a valid resume point.
+        raise CheckpointError(_write_failed(root, name, err)) from None
     _prune(root, keep, protect=name)
     return final
+
+
+def _write_failed(root: Path, name: str, err: OSError) -> str:
+    previous = latest_checkpoint(root.parent)
+    kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+    return (f"could not write checkpoint {root / name}: {err.strerror or err} (errno {err.errno}); {kept}. "
+            f"Free disk space in {root} and resume with `cram pretrain resume={root.parent}`")
+
+
+def verify_checkpoint(ckpt_dir: Path) -> dict[str, Any]:
+    """Check that `ckpt_dir` is complete and every file matches its sha256 in meta.json; returns meta.
+
+    Raises CheckpointError naming the file that is missing, altered or unreadable.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    meta_path = ckpt_dir / META
+    try:
+        meta = json.loads(meta_path.read_text())
+        files = meta["files"]
+        items = list(files.items())
+    except FileNotFoundError:
+        raise CheckpointError(f"{meta_path} is missing: {ckpt_dir} is not a complete checkpoint") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as err:  # incl. UnicodeDecodeError
+        raise CheckpointError(f"{meta_path} is corrupt ({err})") from None
+    for fname, digest in items:
+        path = ckpt_dir / str(fname)
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint file {path} is missing")
+        if _sha256(path) != digest:
+            raise CheckpointError(
+                f"checkpoint file {path} is corrupt (sha256 mismatch); an older checkpoint may remain in "
+                f"{ckpt_dir.parent}"
+            )
+    return meta
 
 
 def _prune(root: Path, keep: int, protect: str) -> None:
@@ -158,23 +206,10 @@ def load_checkpoint(ckpt_dir: Path, model: torch.nn.Module) -> tuple[dict[str, A
     Raises CheckpointError naming the file when anything is missing, altered or unreadable.
     """
     ckpt_dir = Path(ckpt_dir)
-    meta_path = ckpt_dir / META
-    try:
-        meta = json.loads(meta_path.read_text())
-        files = meta["files"]
-    except FileNotFoundError:
-        raise CheckpointError(f"{meta_path} is missing: {ckpt_dir} is not a complete checkpoint") from None
-    except (ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{meta_path} is corrupt ({err})") from None
-    for fname, digest in files.items():
-        path = ckpt_dir / fname
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint file {path} is missing")
-        if _sha256(path) != digest:
-            raise CheckpointError(
-                f"checkpoint file {path} is corrupt (sha256 mismatch); an older checkpoint may remain in "
-                f"{ckpt_dir.parent}"
-            )
+    meta = verify_checkpoint(ckpt_dir)
+    missing = {"model.safetensors", "state.pt", "config.yaml"} - set(meta["files"])
+    if missing:  # a meta.json that hashes fewer files would let an unhashed file through
+        raise CheckpointError(f"{ckpt_dir / META} does not cover {', '.join(sorted(missing))}: not a valid checkpoint")
     try:
         load_model(model, str(ckpt_dir / "model.safetensors"), strict=True)
     except (SafetensorError, RuntimeError, OSError) as err:

@@ -27,7 +27,15 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from cramming.config import GpuProfile, config_hash, format_duration, parse_budget, resolve_gpu, to_dataclass
+from cramming.config import (
+    GpuProfile,
+    config_hash,
+    fault_point,
+    format_duration,
+    parse_budget,
+    resolve_gpu,
+    to_dataclass,
+)
 from cramming.errors import ConfigError, CrammingError, DataError
 from cramming.train import distributed as dist_utils
 from cramming.train import schedules
@@ -37,6 +45,7 @@ from cramming.train.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
+    verify_checkpoint,
     write_atomic,
 )
 
@@ -592,6 +601,7 @@ def pretrain(
                         loss = loss * float("nan")
                 step_loss += loss.detach().float() / accum
                 scaler.scale(loss / accum).backward()
+                fault_point("train.step")  # mid-step: gradients accumulated, optimizer not stepped
             sequences = accum * micro * info.world_size
             st["tokens"] += sequences * seq_len
             if keep is not None and keep < seq_len:
@@ -747,6 +757,8 @@ def run(cfg: DictConfig) -> None:
         if ckpt is None:
             raise CrammingError(f"resume={run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}")
         # Continue with the run's own resolved config, so its schedules and budget are unchanged.
+        # Verify the checksums first: a damaged config.yaml must not be parsed (or half-parsed).
+        verify_checkpoint(ckpt)
         saved = OmegaConf.create((ckpt / "config.yaml").read_text())
         saved.resume = str(run_dir)
         cfg = saved
