@@ -144,6 +144,9 @@ class TrainConfig:
     """Complete checkpoints kept on disk (older ones are deleted)."""
     log_interval: int = 20
     """Optimizer steps between metric records (the only host syncs besides the step guard)."""
+    log_interval_s: float = 30.0
+    """Also write a metric record when this many seconds passed since the last one, so slow steps
+    (a CPU, a large accumulated batch) still give a loss curve; 0 disables."""
     eval_interval_minutes: float = 0.0
     """Minutes between held-out MLM evaluations during training (0 = at the start and end only)."""
     eval_batches: int = 16
@@ -187,6 +190,7 @@ class TrainConfig:
             (self.checkpoint_interval_minutes >= 0, "train.checkpoint_interval_minutes must be >= 0"),
             (self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
             (self.log_interval >= 1, "train.log_interval must be >= 1"),
+            (self.log_interval_s >= 0, "train.log_interval_s must be >= 0"),
             (self.eval_interval_minutes >= 0, "train.eval_interval_minutes must be >= 0"),
             (self.eval_batches >= 1, "train.eval_batches must be >= 1"),
             (self.eval_mask_rate is None or 0 < self.eval_mask_rate < 1, "train.eval_mask_rate must be in (0, 1) or null"),
@@ -636,8 +640,12 @@ def pretrain(
 
             # --- log, evaluate, checkpoint ----------------------------------------------------
             elapsed = budget.elapsed()
-            if st["step"] % train.log_interval == 0:
+            since_log = time.monotonic() - log_state["clock"]
+            if st["step"] % train.log_interval == 0 or (train.log_interval_s and since_log >= train.log_interval_s):
                 log_step(elapsed, progress, lr, sequences, keep)
+            elif info.is_main:
+                bar.n = round(100 * budget.progress(st["step"], st["tokens"], elapsed), 1)
+                bar.update(0)  # redraws at tqdm's own rate; progress needs no host sync, the loss waits for a log step
             if train.eval_interval_minutes and elapsed - st["last_eval_s"] >= 60 * train.eval_interval_minutes:
                 run_eval(elapsed)
                 st["last_eval_s"] = elapsed
