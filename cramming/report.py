@@ -30,30 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from cramming.errors import CrammingError
-
-# Columns of the paper's GLUE table: (label, task, metric key in that task's medians). MNLI's matched
-# and mismatched accuracies are both columns; the average is their plain mean (see glue.metrics).
-GLUE_COLUMNS: tuple[tuple[str, str, str], ...] = (
-    ("MNLI-m", "mnli", "matched_accuracy"),
-    ("MNLI-mm", "mnli", "mismatched_accuracy"),
-    ("QQP", "qqp", "f1"),
-    ("QNLI", "qnli", "accuracy"),
-    ("SST-2", "sst2", "accuracy"),
-    ("CoLA", "cola", "mcc"),
-    ("STS-B", "stsb", "spearman"),
-    ("MRPC", "mrpc", "f1"),
-    ("RTE", "rte", "accuracy"),
-)
-
-# Published GLUE dev scores, copied from RECIPE.md (section 1, "GLUE"), the project's distillation of
-# the Cramming paper. Only figures stated there are filled in; the rest stay blank, never recalled.
-PUBLISHED_ROWS: tuple[tuple[str, dict[str, float]], ...] = (
-    ("published: BERT-base, original checkpoint (Cramming paper)", {"Avg": 80.9}),
-    ("published: crammed BERT, 24 h on one A6000 (Cramming paper v1, median of 5)", {"Avg": 78.6}),
-    ("published: crammed BERT, reference repo's later checkpoint (best of 5)",
-     {"MNLI-m": 84.1, "MNLI-mm": 84.6, "QQP": 87.5, "QNLI": 90.2, "SST-2": 92.0, "CoLA": 53.3,
-      "STS-B": 87.4, "MRPC": 88.9, "RTE": 58.5, "Avg": 80.7}),
-)
+from cramming.glue.metrics import GLUE_COLUMNS, PUBLISHED_ROWS  # numpy only: the report never imports torch
 
 # Official GLUE training-set sizes (rows), to flag runs on subsets: their scores are not comparable.
 OFFICIAL_TRAIN_ROWS = {"cola": 8551, "sst2": 67349, "mrpc": 3668, "stsb": 5749, "qqp": 363846,

@@ -231,10 +231,3 @@ def test_cli_prints_error_without_traceback_and_runs_headless(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "report:" in done.stdout and _png_ok(run / "loss_vs_time.png")
 
-
-def test_published_rows_agree_with_the_glue_stage():
-    """One set of published numbers across the project (the GLUE stage also prints them)."""
-    finetune = pytest.importorskip("cramming.glue.finetune")
-    ours = {tuple(sorted(row.items())) for _, row in report.PUBLISHED_ROWS}
-    theirs = {tuple(sorted(row.items())) for _, row in finetune.PUBLISHED_ROWS}
-    assert ours == theirs

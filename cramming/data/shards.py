@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import numpy as np
 
 from cramming.config import fault_point
 from cramming.errors import DataError
+from cramming.fileio import sha256_file, write_atomic
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -31,14 +31,6 @@ MANIFEST = "manifest.json"
 def token_dtype(vocab_size: int) -> np.dtype:
     """uint16 while every id fits, else uint32."""
     return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def manifest_digest(manifest: dict[str, Any]) -> str:
@@ -52,17 +44,8 @@ def manifest_digest(manifest: dict[str, Any]) -> str:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to a temporary name, fsync, rename: readers see the old file or the new one."""
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    text = json.dumps(obj, indent=2, sort_keys=False) + "\n"
-    with open(tmp, "w") as fh:
-        fh.write(text[:len(text) // 2])
-        fh.flush()
-        fault_point("data.manifest")  # a crash half-way through the file
-        fh.write(text[len(text) // 2:])
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Write JSON atomically (see `write_atomic`); a crash leaves the previous file or none."""
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n", fault="data.manifest")
 
 
 class ShardWriter:

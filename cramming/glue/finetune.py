@@ -21,9 +21,7 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,6 +37,7 @@ from tqdm.auto import tqdm
 
 from cramming.config import GpuProfile, config_hash, fault_point, resolve_gpu, to_dataclass
 from cramming.errors import CheckpointError, ConfigError
+from cramming.fileio import sha256_file, write_atomic
 from cramming.glue import GlueConfig
 from cramming.glue import metrics as M
 from cramming.glue.tasks import Split, TaskData, TaskSpec, load_custom_task, load_task
@@ -48,21 +47,6 @@ log = logging.getLogger(__name__)
 RESULTS_VERSION = 1
 RANDOM_INIT = "random-init"
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
-
-# Published GLUE dev scores, copied from /work/shared/RECIPE.md (section 1, "GLUE"), which distils
-# the Cramming paper. Only the numbers stated there are filled in; the rest stay blank rather than
-# being recalled from memory. Columns as in metrics.GLUE_COLUMNS plus "Avg".
-PUBLISHED_ROWS: tuple[tuple[str, dict[str, float]], ...] = (
-    ("published: BERT-base, original checkpoint (Cramming paper, GLUE dev)", {"Avg": 80.9}),
-    ("published: crammed BERT, 1 day on one A6000 (Cramming paper v1, median of 5)", {"Avg": 78.6}),
-    (
-        "published: crammed BERT, reference repo's later checkpoint (best of 5)",
-        {
-            "MNLI-m": 84.1, "MNLI-mm": 84.6, "QQP": 87.5, "QNLI": 90.2, "SST-2": 92.0,
-            "CoLA": 53.3, "STS-B": 87.4, "MRPC": 88.9, "RTE": 58.5, "Avg": 80.7,
-        },
-    ),
-)
 
 # Config fields that change what a trial computes; the rest (which tasks, how many trials, loader
 # workers, export, eval batch size, logging every epoch) can change between a run and its resume.
@@ -89,14 +73,6 @@ class Source:
     tokenizer_file: Path
     make_model: Callable[[int, float], nn.Module]
     """(num_labels, dropout) -> a fresh classifier."""
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _check_tokenizer(tokenizer: Any, where: str) -> None:
@@ -402,21 +378,6 @@ def finetune_trial(source: Source, spec: TaskSpec, train: Encoded, dev: dict[str
 # ---------------------------------------------------------------------------------------------
 
 
-def atomic_write(path: Path, text: str) -> None:
-    """Write to a temporary file in the same folder, then rename over the target."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        fault_point("glue.results")  # the new results are in the temporary file, not yet renamed
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def resume_key(gcfg: GlueConfig, source: Source, profile: GpuProfile, base_seed: int) -> str:
     """Hash of everything that changes a trial's outcome (beyond the task and the seed)."""
     settings = {k: v for k, v in dataclasses.asdict(gcfg).items() if k not in _RESUME_IGNORED}
@@ -480,7 +441,7 @@ def render_markdown(results: dict[str, Any]) -> str:
     measured = dict(results["glue"]["columns"])
     measured["Avg"] = results["glue"]["average"]
     lines.append(f"| measured: {'/'.join(Path(src['path']).parts[-2:]) or src['path']} | " + " | ".join(_fmt(measured.get(c)) for c in cols) + " |")
-    for label, row in PUBLISHED_ROWS:
+    for label, row in M.PUBLISHED_ROWS:
         lines.append(f"| {label} | " + " | ".join(_fmt(row.get(c)) for c in cols) + " |")
     lines += [
         "",
@@ -565,8 +526,8 @@ def run_glue(gcfg: GlueConfig, source: Source, out_dir: Path, profile: GpuProfil
 
     def save() -> None:
         summarize(results)
-        atomic_write(results_path, json.dumps(results, indent=2) + "\n")
-        atomic_write(md_path, render_markdown(results))
+        write_atomic(results_path, json.dumps(results, indent=2) + "\n", fault="glue.results")
+        write_atomic(md_path, render_markdown(results))
 
     for task, custom in tasks:
         spec = task.spec

@@ -18,7 +18,6 @@ file that fails.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -33,6 +32,7 @@ from safetensors.torch import load_model, save_model
 
 from cramming.config import fault_point
 from cramming.errors import CheckpointError, CrammingError
+from cramming.fileio import fsync_dir, sha256_file, write_atomic
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest.json"
@@ -40,42 +40,9 @@ META = "meta.json"
 FORMAT_VERSION = 1
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some filesystems do not allow opening directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a temporary file, fsync and rename: readers see old or new, never half."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def save_checkpoint(
@@ -105,14 +72,14 @@ def save_checkpoint(
         files = {}
         for fname in ("model.safetensors", "state.pt", "config.yaml"):
             _fsync_file(tmp / fname)
-            files[fname] = _sha256(tmp / fname)
+            files[fname] = sha256_file(tmp / fname)
         meta = {"format_version": FORMAT_VERSION, "step": step, "elapsed_s": state.get("elapsed_s"),
                 "files": files, "written_at": time.time()}
         with open(tmp / META, "w") as handle:
             json.dump(meta, handle, indent=2)
             handle.flush()
             os.fsync(handle.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         fault_point("ckpt.rename")  # complete in the temporary folder, not yet renamed
         if final.exists():
             # Same step saved twice (e.g. a signal right after the final save): the existing one is
@@ -120,7 +87,7 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         else:
             os.replace(tmp, final)
-            _fsync_dir(root)
+            fsync_dir(root)
     except OSError as err:
         # Disk full, quota, I/O error: the partial folder goes, the previous checkpoint (and
         # latest.json naming it) is untouched, so say that rather than show a raw traceback.
@@ -166,7 +133,7 @@ def verify_checkpoint(ckpt_dir: Path) -> dict[str, Any]:
         path = ckpt_dir / str(fname)
         if not path.is_file():
             raise CheckpointError(f"checkpoint file {path} is missing")
-        if _sha256(path) != digest:
+        if sha256_file(path) != digest:
             raise CheckpointError(
                 f"checkpoint file {path} is corrupt (sha256 mismatch); an older checkpoint may remain in "
                 f"{ckpt_dir.parent}"

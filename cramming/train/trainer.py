@@ -37,6 +37,7 @@ from cramming.config import (
     to_dataclass,
 )
 from cramming.errors import ConfigError, CrammingError, DataError
+from cramming.fileio import write_atomic
 from cramming.train import distributed as dist_utils
 from cramming.train import schedules
 from cramming.train.budget import BUDGET_KINDS, Budget
@@ -46,7 +47,6 @@ from cramming.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
     verify_checkpoint,
-    write_atomic,
 )
 
 log = logging.getLogger(__name__)

@@ -96,7 +96,7 @@ def _tiny_checkpoint(run_dir: Path) -> Path:
 
 def _rehash(ckpt: Path) -> None:
     """An attacker controls the whole folder, so meta.json's sha256s match the crafted files."""
-    from cramming.train.checkpoint import _sha256
+    from cramming.fileio import sha256_file as _sha256
 
     meta = json.loads((ckpt / "meta.json").read_text())
     meta["files"] = {name: _sha256(ckpt / name) for name in meta["files"]}
