@@ -19,10 +19,10 @@ STAMP := $(VENV)/.cramming-installed
 # multi-GB build. Override for a specific CUDA build, e.g. TORCH_SPEC="torch --index-url ...".
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: help install test test-slow test-gpu lint demo reproduce bench clean
+.PHONY: help install test test-slow test-gpu lint demo reproduce experiment bench clean
 
 help:
-	@echo "targets: install test test-slow test-gpu lint demo reproduce bench clean"
+	@echo "targets: install test test-slow test-gpu lint demo reproduce experiment bench clean"
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -77,6 +77,16 @@ SEED ?= 0
 reproduce: install
 	PATH="$(VENV)/bin:$$PATH" $(PY) scripts/reproduce.py --budget $(BUDGET) --gpu $(GPU) --data $(DATA) --seed $(SEED) \
 		$(if $(DRY_RUN),--dry-run) $(if $(SKIP_CHECKS),--skip-checks)
+
+# A paper's ablation or sweep, e.g. `make experiment NAME=random-ltd SCALE=tiny` (docs/experiments.md).
+NAME ?= cramming-ablation
+SCALE ?= tiny
+experiment: install
+	$(CRAM) experiment $(NAME) --scale $(SCALE)
+
+# Training-step throughput against transformers' BertForMaskedLM on this machine (docs/benchmarks.md).
+bench: install
+	$(CRAM) bench model
 
 clean:
 	rm -rf outputs multirun .pytest_cache .ruff_cache

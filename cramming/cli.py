@@ -24,6 +24,7 @@ HYDRA_STAGES: dict[str, tuple[str, str, str]] = {
 ARGPARSE_STAGES: dict[str, tuple[str, str, str]] = {
     "report": ("cramming.report", "main", "tables and plots for one or more run folders"),
     "bench": ("cramming.bench", "main", "throughput, memory and MFU benchmarks against transformers' BERT"),
+    "experiment": ("cramming.experiment", "main", "a paper's ablation or sweep: pretrain each point, GLUE, one report"),
 }
 
 USAGE = """usage: cram <stage> [options]

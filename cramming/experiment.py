@@ -1,6 +1,6 @@
 """Run a paper experiment preset end to end: pretraining sweep, GLUE for every run, one report.
 
-    python scripts/run_experiment.py cramming-ablation --scale tiny --gpu cpu [--budget 2m] [--dry-run]
+    cram experiment cramming-ablation --scale tiny --gpu cpu [--budget 2m] [--dry-run]
 
 The presets are the `experiment` config group (cramming/configs/experiment/<name>.yaml): each sets
 `hydra.sweeper.params`, so `cram pretrain -m +experiment=<name>` alone runs its pretraining sweep.
@@ -240,13 +240,14 @@ def experiment_table(rows: list[dict[str, Any]]) -> list[str]:
     tasks = [t for t in ("CoLA", "SST-2", "MRPC", "STS-B", "RTE", "QQP", "MNLI-m", "MNLI-mm", "QNLI")
              if any(t in r["glue"] for r in rows)]
     ltd = any(r["layer_tokens_saved"] for r in rows)
-    header = ["point", "shape", "steps", "s/step", "tokens", "final MLM loss", "held-out MLM loss"]
+    header = ["point", "shape", "steps", "s/step", "tokens", "tokens/s", "final MLM loss", "held-out MLM loss"]
     header += ["layer-tokens saved"] if ltd else []
     header += tasks + ["GLUE avg" if all(r["glue_average"] is not None for r in rows) else "GLUE mean (tasks run)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = [r["point"], _f(r["shape"]), _f(r["steps"]), _f(r["s_per_step"], 2),
-                 f"{r['tokens_seen'] / 1e6:.2f}M" if r["tokens_seen"] else "n/a", _f(r["final_loss"]), _f(r["val_loss"])]
+                 f"{r['tokens_seen'] / 1e6:.2f}M" if r["tokens_seen"] else "n/a", _f(r["tokens_per_s"], 0),
+                 _f(r["final_loss"]), _f(r["val_loss"])]
         if ltd:
             share = r["layer_tokens_saved_share"]
             cells.append(f"{r['layer_tokens_saved'] / 1e6:.1f}M ({100 * share:.0f}%)" if r["layer_tokens_saved"] and share
@@ -298,7 +299,8 @@ def write_summary(name: str, scale: str, sweep_dir: Path, points: list[Point], c
         lines += ["![held-out MLM loss vs GLUE](loss_vs_glue.png)", ""]
     lines += ["Sweep points:", ""] + [f"- `{r['point']}`: `{r['swept'] or '(preset defaults)'}`" for r in rows] + [""]
     lines += ["Commands:", "", "```bash"] + [shlex.join(c) for c in commands] + ["```", ""]
-    lines += ["Wall-clock per stage: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()), ""]
+    if timings:
+        lines += ["Wall-clock per stage: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()), ""]
     lines += ["Full comparison (configs, curves, per-run sections): [report/report.md](report/report.md)", ""]
     path = sweep_dir / "experiment.md"
     path.write_text("\n".join(lines), encoding="utf-8")
@@ -314,7 +316,7 @@ def write_summary(name: str, scale: str, sweep_dir: Path, points: list[Point], c
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="run_experiment",
+        prog="cram experiment",
         description="Run an experiment preset: the pretraining sweep (cram pretrain -m +experiment=NAME), "
         "GLUE on every run, and one comparison report.",
         epilog="Extra Hydra overrides go after the options, e.g. `-- data=c4-filtered glue.trials=3`; glue.* "
@@ -329,13 +331,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out", default=None, help="sweep folder (default: outputs/experiment/NAME-SCALE/<time>)")
     parser.add_argument("--skip-glue", action="store_true", help="pretraining and report only")
     parser.add_argument("--dry-run", action="store_true", help="print the commands and run folders, run nothing")
+    parser.add_argument("--table-only", action="store_true",
+                        help="rewrite OUT/experiment.md from the runs already in --out, run nothing")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides (key=value)")
     # Intermixed: overrides may come before or after the options.
     return parser.parse_intermixed_args(argv)
 
 
 def main(argv: list[str]) -> int:
-    """`run_experiment NAME [--scale tiny|full] [--budget B] [--gpu G] [--out DIR] [--dry-run] [overrides]`."""
+    """`cram experiment NAME [--scale tiny|full] [--budget B] [--gpu G] [--out DIR] [--dry-run] [overrides]`."""
     args = parse_args(argv)
     sweep_dir, points, commands = build_plan(args)
     print(f"experiment {args.name} (scale {args.scale}): {len(points)} points in {sweep_dir}")
@@ -345,8 +349,15 @@ def main(argv: list[str]) -> int:
         for command in commands:
             print(shlex.join(command))
         return 0
-    cram = cram_command()
     timings: dict[str, float] = {}
+    if args.table_only:
+        if not args.out:
+            raise ConfigError("--table-only needs --out: the sweep folder to tabulate")
+        previous = _read_json(sweep_dir / "experiment.json")
+        summary = write_summary(args.name, args.scale, sweep_dir, points, commands, previous.get("timings_s") or {})
+        print(f"experiment table: {summary}")
+        return 0
+    cram = cram_command()
     for command in commands:
         stage = command[1]
         print("+ " + shlex.join(command), flush=True)
@@ -359,7 +370,7 @@ def main(argv: list[str]) -> int:
         if code != 0 and command[1] != "glue":
             # A failed pretraining sweep or report leaves nothing to compare; a failed GLUE run
             # leaves its row without scores.
-            print(f"run_experiment: `{shlex.join(command)}` exited with {code}", file=sys.stderr)
+            print(f"cram experiment: `{shlex.join(command)}` exited with {code}", file=sys.stderr)
             if command[1] == "pretrain" and not any((p.run_dir / "final").is_dir() for p in points):
                 return code
     summary = write_summary(args.name, args.scale, sweep_dir, points, commands, timings)

@@ -119,10 +119,15 @@ def _read_config(path: Path) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
     try:
-        # resolve=False: the file keeps interpolations such as ${now:...}; shown as written.
-        cfg = OmegaConf.to_container(OmegaConf.load(cfg_path), resolve=False)
+        node = OmegaConf.load(cfg_path)
     except Exception as err:  # a broken YAML file is the user's; report it instead of a traceback
         raise ReportError(f"{cfg_path} is not valid YAML ({err})") from None
+    try:
+        # Resolved, so values a preset computes (e.g. ${oc.select:...}) show as numbers; Hydra's
+        # own resolvers (${now:...}) need Hydra, and without them the file is shown as written.
+        cfg = OmegaConf.to_container(node, resolve=True)
+    except Exception:
+        cfg = OmegaConf.to_container(node, resolve=False)
     return cfg if isinstance(cfg, dict) else {}
 
 

@@ -20,7 +20,7 @@ def cram(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_top_level_help_lists_stages(tmp_path):
     out = cram("--help", cwd=tmp_path)
     assert out.returncode == 0
-    for stage in ("data", "pretrain", "glue", "report", "bench"):
+    for stage in ("data", "pretrain", "glue", "report", "bench", "experiment"):
         assert stage in out.stdout
 
 
@@ -66,7 +66,7 @@ def test_unknown_group_option_is_rejected(tmp_path):
     assert "gtx480" in out.stderr
 
 
-@pytest.mark.parametrize("stage", ["report", "bench"])
+@pytest.mark.parametrize("stage", ["report", "bench", "experiment"])
 def test_argparse_stages_have_help(tmp_path, stage):
     out = cram(stage, "--help", cwd=tmp_path)
     assert out.returncode == 0, out.stderr

@@ -156,8 +156,8 @@ class TrainConfig:
     that train with different rates (the loss depends on how much context is masked)."""
     seed: int | None = None
     """Seed for init, data order and masks; null = the top-level `seed`."""
-    shuffle: bool = True
-    """Shuffle the training rows (off keeps the prevalence-sorted order of the prepared data)."""
+    shuffle: bool = False
+    """Shuffle the training rows each epoch; off keeps the prepared order (the prevalence sort)."""
     tensorboard: bool = False
     """Also write TensorBoard scalars to <run_dir>/tb (needs the tensorboard package)."""
     compile_fallback: bool = True
