@@ -27,7 +27,7 @@ from cramming.train.trainer import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = experiment.available_presets()
-EXPECTED = {"cramming-ablation": 4, "roberta-masking": 6, "random-ltd": 2, "shape-sweep": 4,
+EXPECTED = {"cramming-ablation": 4, "roberta-masking": 9, "random-ltd": 2, "shape-sweep": 4,
             "batch-schedule": 2, "lr-schedule": 3, "vocab-size": 4}
 
 
@@ -135,9 +135,12 @@ def test_roberta_masking_crosses_static_dynamic_with_the_rate() -> None:
         assert point.label.startswith("static" if static else "dynamic")
         if static:
             assert data.static_mask_rate == cfg.train.mask_rate  # masks stored at the run's rate
-        seen.add((static, cfg.train.mask_rate))
+        # Only the dynamic-doc-bounded point keeps rows inside documents (DOC-SENTENCES).
+        assert data.packing == ("doc-bounded" if point.label.startswith("dynamic-doc-bounded") else "full-sentences")
+        seen.add((static, data.packing, cfg.train.mask_rate))
         assert cfg.train.eval_mask_rate == 0.15
-    assert seen == {(s, r) for s in (False, True) for r in (0.15, 0.25, 0.4)}
+    assert seen == {(s, p, r) for s, p in ((False, "full-sentences"), (True, "full-sentences"), (False, "doc-bounded"))
+                    for r in (0.15, 0.25, 0.4)}
     # The tiny corpus is small enough to be read several times (static masks then recur).
     assert points[0][1].data.max_chars == 400000
 

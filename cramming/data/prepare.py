@@ -91,6 +91,11 @@ class DataConfig:
     """t of the compression filter (paper: 0.3)."""
     seq_len: int = 128
     """Tokens per row; documents are packed across row boundaries, each followed by [SEP]."""
+    packing: Literal["full-sentences", "doc-bounded"] = "full-sentences"
+    """full-sentences: rows run across documents, filled to seq_len (RoBERTa's FULL-SENTENCES;
+    paper). doc-bounded: a row never crosses a document boundary; a document's last row is filled
+    with [PAD] and longer documents continue on rows of their own (like RoBERTa's DOC-SENTENCES).
+    The loader then adds an attention_mask (pads unattended) and pads are never masked."""
     sorting: Literal["prevalence", "shuffle", "none"] = "prevalence"
     """Row order of the train split: by descending mean unigram prevalence (paper), shuffled, or as read."""
     val_fraction: float = 0.01
@@ -148,6 +153,8 @@ class DataConfig:
             raise bad(f"compression_threshold={self.compression_threshold} must be > 0")
         if self.seq_len < 2:
             raise bad(f"seq_len={self.seq_len} must be >= 2")
+        if self.packing not in ("full-sentences", "doc-bounded"):
+            raise bad(f"packing={self.packing!r} must be full-sentences or doc-bounded")
         if self.sorting not in ("prevalence", "shuffle", "none"):
             raise bad(f"sorting={self.sorting!r} must be prevalence, shuffle or none")
         if not 0 <= self.val_fraction < 1:
@@ -356,6 +363,7 @@ def _build(cfg: DataConfig, out: Path) -> dict[str, Any]:
             spool.path, offsets, tok.to_str(), specials["sep"],
             cfg.compression_threshold if cfg.compression_filter else None,
             rows_path, cfg.seq_len, dtype, num_proc=cfg.num_proc, batch_docs=cfg.batch_docs, progress=progress,
+            packing=cfg.packing, pad_id=specials["pad"],
         )
     counts.update(packed)
     spool.path.unlink()
@@ -380,7 +388,8 @@ def _build(cfg: DataConfig, out: Path) -> dict[str, Any]:
         val_idx = np.sort(perm[:n_val])
         train_idx = np.sort(perm[n_val:])
         del perm
-        train_order = pack.order_rows(rows, train_idx, cfg.sorting, vocab_size, cfg.seed, progress=progress)
+        train_order = pack.order_rows(rows, train_idx, cfg.sorting, vocab_size, cfg.seed, progress=progress,
+                                      pad_id=specials["pad"] if cfg.packing == "doc-bounded" else None)
 
     # 7. shards --------------------------------------------------------------------------------
     with _timed(timings, "write_shards"):
@@ -426,6 +435,8 @@ def _build(cfg: DataConfig, out: Path) -> dict[str, Any]:
         "tokenizer": "tokenizer.json",
         "special_tokens": specials,
         "sorting": cfg.sorting,
+        # Readers (shards.build_loader) add an attention_mask for doc-bounded (padded) rows.
+        "packing": cfg.packing,
         "static_masking": static,
         "splits": splits,
         "data_config": asdict(cfg),
@@ -453,6 +464,7 @@ def run(cfg: Any) -> None:
           f"{c['documents_deduplicated']} deduplicated, {c['documents_filtered']} filtered "
           f"({c['chars_filtered']} chars), {c['documents_packed']} packed")
     print(f"  sequences: {c['train_sequences']} train + {c['val_sequences']} val of {manifest['seq_len']} tokens "
-          f"({c['tokens']} tokens), vocab {manifest['vocab_size']}, sorting {manifest['sorting']}")
+          f"({c['tokens']} tokens), vocab {manifest['vocab_size']}, sorting {manifest['sorting']}"
+          + (f", doc-bounded packing ({c['pad_tokens']} pad tokens)" if "pad_tokens" in c else ""))
     print(f"  time: {took:.1f}s this run (build took {manifest['timings_s']['total']:.1f}s: "
           + ", ".join(f"{k} {v:.1f}s" for k, v in manifest["timings_s"].items() if k != "total") + ")")

@@ -7,6 +7,9 @@ without it is incomplete and never read.
 
 With static masking (`static_masking` in the manifest) each train shard holds pre-masked rows and
 has a sibling `*.labels.bin` (int32, -100 where not a target) with the same number of rows.
+
+Doc-bounded rows (`packing: doc-bounded` in the manifest) end in [PAD]; the loader then adds an
+`attention_mask` (1 = real token) to every batch so the model does not attend to padding.
 """
 
 from __future__ import annotations
@@ -174,6 +177,9 @@ class PackedDataset:
         static = self.manifest.get("static_masking")
         self.static_masking: dict[str, Any] | None = static if (static and split == "train") else None
         self._ends = np.cumsum([s["rows"] for s in self.shards], dtype=np.int64)
+        # Manifests written before the `packing` field existed are full-sentences (no padding).
+        self.packing: str = self.manifest.get("packing", "full-sentences")
+        self.pad_id: int = int(self.manifest["special_tokens"].get("pad", 0))
         for shard in self.shards:
             self._check_size(shard["path"], shard["rows"] * self.seq_len * self.dtype.itemsize)
             if "labels_path" in shard:
@@ -298,6 +304,14 @@ class _MicroBatches:
         return self._perm[positions]
 
     def __getitem__(self, n: int) -> dict[str, Any]:
+        batch = self._batch(n)
+        if self.dataset.packing == "doc-bounded":
+            # Taken after masking: [MASK] and random replacements never land on padding (pads are
+            # special tokens, and random tokens come from non-special ones), so pads are still pads.
+            batch["attention_mask"] = (batch["input_ids"] != self.dataset.pad_id).long()
+        return batch
+
+    def _batch(self, n: int) -> dict[str, Any]:
         import torch
 
         idx = self.row_indices(n)
@@ -336,7 +350,8 @@ def build_loader(dataset: PackedDataset, micro_batch_size: int, masker: Any, *, 
     `start_batch` resumes at micro-batch index n by arithmetic (nothing is replayed); the masks of
     micro-batch n are seeded from (seed, n, rank), so a resumed run draws the same masks as an
     uninterrupted one. With a statically masked dataset the stored masks are used and `masker`
-    may be None.
+    may be None. With doc-bounded (padded) data every batch also has `attention_mask` [B, L]
+    (int64, 1 = real token, 0 = [PAD]).
     """
     import torch
 

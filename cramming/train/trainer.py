@@ -458,6 +458,9 @@ def pretrain(
             model = torch.nn.parallel.DistributedDataParallel(raw, device_ids=[device] if device.type == "cuda" else None)
         no_sync = model.no_sync if info.enabled else contextlib.nullcontext
         sample = masker(torch.randint(len(special), int(manifest["vocab_size"]), (micro, seq_len)))
+        if manifest.get("packing") == "doc-bounded":
+            # The loader's batches carry an attention_mask then: probe (and compile) with one too.
+            sample["attention_mask"] = torch.ones(micro, seq_len, dtype=torch.long)
         fwd, compile_path = _probe(model, raw, sample, device, gpu.precision, gpu.compile, train.compile_fallback,
                                    micro, no_sync)
         log.info("model: %.1fM parameters, %s path, precision %s, device %s",
