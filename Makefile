@@ -57,6 +57,9 @@ DEMO_TRIALS ?= 2
 DEMO_EPOCHS ?= 2
 # Training rows per GLUE task (the shipped subsets hold 2000-2490); keeps the demo within ~15 minutes.
 DEMO_TRAIN_EXAMPLES ?= 1000
+# The paper's finetuning LR (4e-5) suits BERT-base; the demo's 4.7M-parameter model learns nothing
+# with it in 2 short epochs (SST-2 stays at 50.9%), while 1e-3 reaches 66% on the same checkpoint.
+DEMO_GLUE_LR ?= 1e-3
 DEMO_ARCH ?= $(shell $(PY) -c "import torch; print('crammed-bert' if torch.cuda.is_available() else 'demo')" 2>/dev/null || echo demo)
 DEMO_DATA := data=embedded data.vocab_size=$(DEMO_VOCAB)
 demo: install
@@ -66,7 +69,7 @@ demo: install
 		paths.out_root=$(DEMO_OUT) run_name=run
 	$(CRAM) glue ckpt=$(DEMO_OUT)/pretrain/run/final glue.data_dir=cramming/assets/glue_demo \
 		"glue.tasks=[cola,sst2,mrpc,stsb,rte]" glue.trials=$(DEMO_TRIALS) glue.epochs=$(DEMO_EPOCHS) \
-		glue.max_train_examples=$(DEMO_TRAIN_EXAMPLES) \
+		glue.max_train_examples=$(DEMO_TRAIN_EXAMPLES) glue.lr=$(DEMO_GLUE_LR) \
 		paths.out_root=$(DEMO_OUT) run_name=run
 	$(CRAM) report $(DEMO_OUT)/pretrain/run $(DEMO_OUT)/glue/run --out $(DEMO_OUT)/report
 	@echo "demo finished: report at $(DEMO_OUT)/report/report.md"
