@@ -16,3 +16,4 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"{SHARED} is absent (it exists in CI, not in a user's clone)")
     return SHARED
+

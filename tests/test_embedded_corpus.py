@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import io
 import json
 import lzma
 import shutil
-import sys
 import tarfile
 from pathlib import Path
 
 import pytest
+from script_loader import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 EMBEDDED = REPO / "cramming" / "data" / "embedded"
-spec = importlib.util.spec_from_file_location("build_embedded_corpus", REPO / "scripts" / "build_embedded_corpus.py")
-build = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = build  # dataclasses look their module up in sys.modules
-spec.loader.exec_module(build)
+build = load_script("build_embedded_corpus")
 
 
 @pytest.fixture(scope="module")

@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+from script_loader import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / "cramming" / "assets" / "glue_demo"
-spec = importlib.util.spec_from_file_location("make_glue_demo", REPO / "scripts" / "make_glue_demo.py")
-make = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = make  # dataclasses look their module up in sys.modules
-spec.loader.exec_module(make)
+make = load_script("make_glue_demo")
 
 EXPECTED_ROWS = {
     "CoLA/train.tsv": 2000, "CoLA/dev.tsv": 1043, "SST-2/train.tsv": 2000, "SST-2/dev.tsv": 872,

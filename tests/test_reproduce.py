@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
+from script_loader import load_script
+
 REPO = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("reproduce", REPO / "scripts" / "reproduce.py")
-reproduce = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(reproduce)
+reproduce = load_script("reproduce")
 
 
 def _args(tmp_path: Path, **kw):
