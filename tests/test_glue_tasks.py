@@ -21,10 +21,8 @@ LABELLED = GLUE_DIR.parent / "labelled"
 
 
 @pytest.fixture
-def glue_dir() -> Path:
-    if not GLUE_DIR.is_dir():
-        pytest.skip(f"{GLUE_DIR} is absent (it exists in CI, not in a user's clone)")
-    return GLUE_DIR
+def glue_dir(shared_dir: Path) -> Path:
+    return shared_dir / "data" / "glue"
 
 
 # ---------------------------------------------------------------------------------------------
