@@ -23,6 +23,9 @@ def test_bench_model_runs_and_reports_sane_numbers(tmp_path, capsys):
         assert r["tokens_per_s"] > 0 and math.isfinite(r["tokens_per_s"]) and len(r["tokens_per_s_all"]) == 2
         assert r["flops_per_seq"] > 0 and math.isfinite(r["final_loss"]) and r["mfu"] is None
     assert report["results"][1]["ratio"] == 1.0 and report["num_masked"] == 8
+    ours, base = report["results"]
+    paired = [a / b for a, b in zip(ours["tokens_per_s_all"], base["tokens_per_s_all"], strict=True)]
+    assert ours["ratio_all"] == pytest.approx(paired) and min(paired) <= ours["ratio"] <= max(paired)
     table = capsys.readouterr().out
     assert "| crammed-bert |" in table and "tokens/s" in table
 

@@ -121,6 +121,57 @@ def test_sparse_and_dense_losses_agree():
         torch.testing.assert_close(a.grad, b.grad, msg=name, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("options", [
+    {}, {"norm_position": "post", "final_norm": False}, {"position": "rotary"}, {"bias": True, "decoder_bias": True},
+    {"ffn": "gelu", "head": "nonlinear", "norm": "rmsnorm"}, {"attention_backend": "eager", "tie_embeddings": False},
+    {"num_layers": 1},
+], ids=["default", "post-ln", "rotary", "bias", "gelu-nonlinear-rms", "eager-untied", "one-layer"])
+def test_last_block_on_masked_rows_only_matches_full_computation(options):
+    # Given masked_positions, the last block computes only those rows; loss and every gradient must
+    # equal the dense model's (all rows computed, head over every position), padding mask included.
+    cfg = tiny(**options)
+    ids, labels, positions = batch(cfg)
+    mask = torch.ones_like(ids)
+    mask[1, 12:] = 0
+    sparse = CrammedBertForMLM(cfg)
+    dense = CrammedBertForMLM(dataclasses.replace(cfg, sparse_prediction=False))
+    dense.load_state_dict(sparse.state_dict())
+    loss = sparse(ids, labels=labels, masked_positions=positions, attention_mask=mask)["loss"]
+    reference = dense(ids, labels=labels, attention_mask=mask)["loss"]
+    torch.testing.assert_close(loss, reference)
+    loss.backward()
+    reference.backward()
+    for (name, a), b in zip(sparse.named_parameters(), dense.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, msg=name, atol=1e-6, rtol=1e-4)
+
+
+def test_sparse_embedding_grad_gives_the_same_dense_gradient():
+    cfg = tiny()
+    ids, labels, positions = batch(cfg)
+    grads = []
+    for sparse in (False, True):
+        torch.manual_seed(0)
+        model = CrammedBertForMLM(cfg)
+        assert model.use_sparse_embedding_grad(sparse) is sparse
+        for _ in range(2):  # two micro-batches: accumulation into an existing gradient too
+            model(ids, labels=labels, masked_positions=positions)["loss"].backward()
+        grad = model.bert.embeddings.word_embeddings.weight.grad
+        assert grad.layout == torch.strided  # fused AdamW and clipping need a dense gradient
+        grads.append(grad)
+    torch.testing.assert_close(grads[1], grads[0])
+    # Untied: the lookup's gradient would be the table's only one, and sparse; the option stays off.
+    assert CrammedBertForMLM(tiny(tie_embeddings=False)).use_sparse_embedding_grad() is False
+
+
+def test_dense_prediction_ignores_masked_positions():
+    # sparse_prediction=false (the original BERT ablation) must pay for the full head even when the
+    # loader hands over fixed masked positions, or the ablation would not measure what it claims.
+    cfg = tiny(sparse_prediction=False)
+    ids, labels, positions = batch(cfg)
+    out = CrammedBertForMLM(cfg)(ids, labels=labels, masked_positions=positions)
+    assert out["logits"].shape == (3, 16, 100)
+
+
 def test_eager_and_sdpa_agree_fp32():
     cfg = tiny(attention_backend="eager")
     ids, labels, _ = batch(cfg)
@@ -242,6 +293,13 @@ def test_training_flops_counts_matmuls():
     dense = dataclasses.replace(cfg, sparse_prediction=False, ffn="gelu", head="nonlinear")
     per_layer = length * (4 * h * h + 2 * h * i + 2 * length * h)
     assert training_flops_per_sequence(dense, length, k) == 6 * (layers * per_layer + length * (h * h + h * v))
+    assert training_flops_per_sequence(dense, length, k, fixed_positions=True) == training_flops_per_sequence(dense, length, k)
+    # Fixed positions: the last block's K/V projections run on every token, the rest on k rows.
+    per_query = 2 * h * h + h * i + (i // 2) * h + 2 * length * h
+    last = length * 2 * h * h + k * per_query
+    per_layer = length * (4 * h * h + h * i + (i // 2) * h + 2 * length * h)
+    expected = 6 * ((layers - 1) * per_layer + last + k * h * v)
+    assert training_flops_per_sequence(cfg, length, k, fixed_positions=True) == expected
 
 
 def test_autocast_bf16_cpu_runs():

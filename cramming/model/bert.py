@@ -3,7 +3,8 @@
 Defaults are the crammed recipe: no bias in any linear layer, GEGLU feed-forward at the original
 width (3072 split into two halves of 1536), pre-LayerNorm blocks with a final LayerNorm, scaled
 sinusoidal positions with LayerNorm after the embedding, tied input/output embeddings and a plain
-(no transform, no bias) MLM head that scores only the masked positions. Every other choice of the
+(no transform, no bias) MLM head that scores only the masked positions; given fixed masked
+positions, the last block computes only those rows too. Every other choice of the
 original BERT is an option, for the paper's ablations. Knows nothing of Hydra.
 """
 
@@ -198,14 +199,29 @@ class Attention(nn.Module):
         self.out = nn.Linear(config.hidden_size, config.hidden_size, bias=config.bias)
         self.backend = get_backend(config.attention_backend)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, rope: tuple | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None, rope: tuple | None, query_idx: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x [B, L, H] -> [B, L, H], or [B, K, H] for only the queries at `query_idx` [B, K]."""
         batch, length, hidden = x.shape
-        qkv = self.qkv(x).view(batch, length, 3, self.num_heads, hidden // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, nh, L, D]
+        heads, head_dim = self.num_heads, hidden // self.num_heads
+        if query_idx is None:
+            qkv = self.qkv(x).view(batch, length, 3, heads, head_dim)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, nh, L, D]
+            q_rope = rope
+        else:
+            # Keys and values from every token, queries only where outputs are wanted: the same
+            # weight split as the fused projection, so results equal the full layer's at those rows.
+            weight, bias = self.qkv.weight, self.qkv.bias
+            q = F.linear(random_ltd.gather(x, query_idx), weight[:hidden], None if bias is None else bias[:hidden])
+            q = q.view(batch, -1, heads, head_dim).transpose(1, 2)  # [B, nh, K, D]
+            kv = F.linear(x, weight[hidden:], None if bias is None else bias[hidden:])
+            k, v = kv.view(batch, length, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # 2 x [B, nh, L, D]
+            q_rope = None if rope is None else random_ltd.gather_rope(rope, query_idx, batch)
         if rope is not None:
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        out = self.backend(q, k, v, mask, self.dropout, self.training)  # [B, nh, L, D]
-        return self.out(out.transpose(1, 2).reshape(batch, length, hidden))
+            q, k = apply_rotary(q, *q_rope), apply_rotary(k, *rope)
+        out = self.backend(q, k, v, mask, self.dropout, self.training)  # [B, nh, L or K, D]
+        return self.out(out.transpose(1, 2).reshape(batch, -1, hidden))
 
 
 class FeedForward(nn.Module):
@@ -237,12 +253,19 @@ class Block(nn.Module):
         self.ffn = FeedForward(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, rope: tuple | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, rope: tuple | None = None,
+        query_idx: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x [B, L, H] -> [B, L, H]; with `query_idx` [B, K], only those rows' outputs: [B, K, H]."""
+        # Every sub-layer but attention's keys and values is per token, so rows nobody reads
+        # (unmasked positions after the last block) need no residual, norm or feed-forward work.
+        rows = x if query_idx is None else random_ltd.gather(x, query_idx)
         if self.pre_norm:
-            x = x + self.dropout(self.attn(self.norm1(x), mask, rope))
-            return x + self.dropout(self.ffn(self.norm2(x)))
-        x = self.norm1(x + self.dropout(self.attn(x, mask, rope)))
-        return self.norm2(x + self.dropout(self.ffn(x)))
+            rows = rows + self.dropout(self.attn(self.norm1(x), mask, rope, query_idx))
+            return rows + self.dropout(self.ffn(self.norm2(rows)))
+        rows = self.norm1(rows + self.dropout(self.attn(x, mask, rope, query_idx)))
+        return self.norm2(rows + self.dropout(self.ffn(rows)))
 
 
 class Encoder(nn.Module):
@@ -256,8 +279,14 @@ class Encoder(nn.Module):
         self.final_norm = make_norm(config) if config.final_norm else nn.Identity()
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, keep_tokens: int | None = None
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, keep_tokens: int | None = None,
+        output_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Hidden states [B, L, H], or [B, K, H] at `output_positions` [B, K] only.
+
+        With output positions the last block computes only those rows (its keys and values still
+        come from every token), which gives the same values as gathering them from the full output.
+        """
         length = input_ids.shape[1]
         x = self.embeddings(input_ids)
         # [B, L] with 1 = real token -> a boolean key mask [B, 1, 1, L] broadcast over heads and queries.
@@ -269,7 +298,7 @@ class Encoder(nn.Module):
             if drop and 0 < i < last:
                 x = random_ltd.apply_layer(layer, x, keep_tokens, mask, rope)
             else:
-                x = layer(x, mask, rope)
+                x = layer(x, mask, rope, output_positions if i == last else None)
         return self.final_norm(x)
 
 
@@ -314,6 +343,20 @@ class CrammedBertForMLM(nn.Module):
         self.head = MLMHead(config)
         init_weights(self, config.init_std)
 
+    def use_sparse_embedding_grad(self, enabled: bool = True) -> bool:
+        """Let the input lookup hand its gradient back as rows instead of a dense [V, H] table.
+
+        With tied embeddings the decoder already gives the table a dense gradient, and autograd adds
+        the rows into it in place: no zero-filled second table and no table-sized add, 8% of an
+        eager CPU step at hidden 768 / vocab 32768 (docs/benchmarks.md). The optimizer still sees a
+        dense gradient. Off by default: DistributedDataParallel rejects a sparse-flagged embedding
+        whose gradient arrives dense, and compiled graphs gain nothing from it. Returns the setting
+        in effect (always off for untied embeddings, whose only gradient would be sparse).
+        """
+        on = enabled and self.config.tie_embeddings
+        self.bert.embeddings.word_embeddings.sparse = on
+        return on
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -326,17 +369,24 @@ class CrammedBertForMLM(nn.Module):
 
         Returns `logits` [B, L, V] (dense), [B, K, V] (masked_positions) or [N, V] (sparse, N masked
         tokens of the batch), and the mean cross-entropy over targets as `loss` when labels are given.
+        With `sparse_prediction` off, masked_positions is ignored: the head scores every position.
         """
-        hidden = self.bert(input_ids, attention_mask, keep_tokens)  # [B, L, H]
-        if masked_positions is not None:
-            # Static shapes for compile: a fixed number K of positions per row.
-            hidden = random_ltd.gather(hidden, masked_positions)  # [B, K, H]
+        sparse = self.config.sparse_prediction
+        if masked_positions is not None and sparse:
+            # Static shapes for compile: a fixed number K of positions per row. The encoder's last
+            # block computes only these rows (see Encoder.forward).
+            hidden = self.bert(input_ids, attention_mask, keep_tokens, output_positions=masked_positions)  # [B, K, H]
             if labels is not None:
                 labels = labels.gather(1, masked_positions)  # [B, K]
-        elif labels is not None and self.config.sparse_prediction:
+            return self._scored(hidden, labels)
+        hidden = self.bert(input_ids, attention_mask, keep_tokens)  # [B, L, H]
+        if labels is not None and sparse:
             labels = labels.reshape(-1)
             selected = labels != -100  # data-dependent shape: fine in eager, a graph break under compile
             hidden, labels = hidden.reshape(-1, hidden.shape[-1])[selected], labels[selected]  # [N, H], [N]
+        return self._scored(hidden, labels)
+
+    def _scored(self, hidden: torch.Tensor, labels: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
         logits = self.head(hidden, self.bert.embeddings.word_embeddings.weight)
         loss = None
         if labels is not None:
@@ -377,20 +427,29 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def training_flops_per_sequence(config: ModelConfig, seq_len: int, num_masked: int) -> float:
+def training_flops_per_sequence(
+    config: ModelConfig, seq_len: int, num_masked: int, fixed_positions: bool = False
+) -> float:
     """Model FLOPs of one forward + backward pass over one sequence (for MFU).
 
     Counts matrix multiplications only, 2 FLOPs per multiply-add, and the backward pass as twice
     the forward (the usual 6 * params * tokens rule): per token and layer the QKV, output and
     feed-forward projections, plus attention's q k^T and probs @ v (2 * L * H multiply-adds per
-    token); the head's transform and vocabulary projection over the predicted positions only
-    (`num_masked` with sparse prediction, all `seq_len` otherwise). Embedding lookups, norms,
-    activations and softmax are not counted; random-LTD savings are not subtracted.
+    query); the head's transform and vocabulary projection over the predicted positions only
+    (`num_masked` with sparse prediction, all `seq_len` otherwise). With sparse prediction and
+    `fixed_positions` (the model is given masked_positions), the last block computes queries,
+    output projection and feed-forward for the `num_masked` positions only, as the model does.
+    Embedding lookups, norms, activations and softmax are not counted; random-LTD savings are not
+    subtracted.
     """
     h, inter = config.hidden_size, config.intermediate_size
     ffn = h * inter + (inter // 2) * h if config.ffn == "geglu" else 2 * h * inter
-    per_token_layer = 4 * h * h + ffn + 2 * seq_len * h
+    per_query = 2 * h * h + ffn + 2 * seq_len * h  # Q and output projections, FFN, the two attention products
+    per_token_layer = 2 * h * h + per_query  # + K and V projections
     predicted = num_masked if config.sparse_prediction else seq_len
     head = (h * h if config.head == "nonlinear" else 0) + h * config.vocab_size
-    macs = seq_len * config.num_layers * per_token_layer + predicted * head
-    return 6.0 * macs
+    if config.sparse_prediction and fixed_positions:
+        layers = seq_len * (config.num_layers - 1) * per_token_layer + seq_len * 2 * h * h + num_masked * per_query
+    else:
+        layers = seq_len * config.num_layers * per_token_layer
+    return 6.0 * (layers + predicted * head)

@@ -39,6 +39,12 @@ def gather_mask(mask: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | 
     return mask.gather(3, idx[:, None, None, :].expand(-1, mask.shape[1], mask.shape[2], -1))
 
 
+def gather_rope(rope: tuple[torch.Tensor, torch.Tensor], idx: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotary (cos, sin) tables, [1 or B, 1, L, D] each, at positions `idx` [B, k] -> [B, 1, k, D] each."""
+    cos, sin = (r.expand(batch, -1, -1, -1)[:, 0] for r in rope)  # [B, L, D]
+    return gather(cos, idx).unsqueeze(1), gather(sin, idx).unsqueeze(1)
+
+
 def apply_layer(
     layer: Callable[..., torch.Tensor],
     x: torch.Tensor,
@@ -55,9 +61,6 @@ def apply_layer(
     batch, length, _ = x.shape
     if idx is None:
         idx = sample_indices(batch, length, keep, x.device)
-    kept_rope = None
-    if rope is not None:
-        cos, sin = (r.expand(batch, -1, -1, -1)[:, 0] for r in rope)  # [B, L, D]
-        kept_rope = (gather(cos, idx).unsqueeze(1), gather(sin, idx).unsqueeze(1))  # [B, 1, k, D]
+    kept_rope = None if rope is None else gather_rope(rope, idx, batch)
     out = layer(gather(x, idx), gather_mask(mask, idx), kept_rope)  # [B, k, H]
     return combine(x, out, idx)
