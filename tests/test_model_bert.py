@@ -186,6 +186,26 @@ def test_eager_and_sdpa_agree_fp32():
     torch.testing.assert_close(BACKENDS["sdpa"](q, k, v, None, 0.0, False), BACKENDS["eager"](q, k, v, None, 0.0, False))
 
 
+def test_cpu_attention_matches_torch_fused_kernel():
+    # On CPU the sdpa backend runs plain matmuls (faster at BERT lengths); they must give torch's
+    # fused kernel's values and gradients, with fewer queries than keys and with a key mask.
+    import torch.nn.functional as F
+
+    q = torch.randn(2, 3, 5, 8, requires_grad=True)
+    k, v = (torch.randn(2, 3, 9, 8, requires_grad=True) for _ in range(2))
+    mask = torch.ones(2, 1, 1, 9, dtype=torch.bool)
+    mask[1, ..., 6:] = False
+    for m in (None, mask):
+        ours = BACKENDS["sdpa"](q, k, v, m, 0.0, True)
+        fused = F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+        torch.testing.assert_close(ours, fused)
+        grads = [torch.autograd.grad(out.sum(), (q, k, v)) for out in (ours, fused)]
+        for a, b in zip(*grads, strict=True):
+            torch.testing.assert_close(a, b)
+    torch.manual_seed(0)  # dropout in training only
+    assert not torch.equal(BACKENDS["sdpa"](q, k, v, None, 0.5, True), BACKENDS["sdpa"](q, k, v, None, 0.5, False))
+
+
 def test_unknown_and_missing_backends_raise():
     with pytest.raises(ConfigError, match="eager, sdpa, flash"):
         get_backend("nope")
