@@ -15,6 +15,7 @@ labels (-100 elsewhere) and computes its dense head, as it always does.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -171,6 +172,15 @@ class Runner:
         }
 
 
+def _cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else the machine type."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()}, {platform.machine()}"
+    return platform.processor() or platform.machine()
+
+
 def _quartiles(values: list[float]) -> tuple[float, float]:
     if len(values) < 2:
         return values[0], values[0]
@@ -253,7 +263,7 @@ def bench_model(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "command": "cram bench " + " ".join(args.argv),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({_cpu_name()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__, "precision": args.precision, "compile": args.compile,
         "batch_size": args.batch_size, "seq_len": args.seq_len, "num_masked": num_masked,
         "arch": dataclasses.asdict(cfg), "peak_tflops": peak, "emulate": emulated,
