@@ -301,6 +301,21 @@ def test_random_ltd_drops_tokens_in_middle_layers_only():
     assert idx.shape == (4, 5) and all(len(set(row.tolist())) == 5 for row in idx)
 
 
+def test_random_ltd_keeps_real_tokens_before_padding():
+    # A padded row (doc-bounded packing) must never keep a subset of padding alone.
+    real = torch.arange(16)[None, :] < torch.tensor([[3], [16], [9]])  # 3, 16 and 9 real tokens
+    for seed in range(20):
+        torch.manual_seed(seed)
+        idx = random_ltd.sample_indices(3, 16, 5, "cpu", real)
+        kept_real = real.gather(1, idx).sum(dim=1)
+        assert kept_real.tolist() == [3, 5, 5]  # all 3 real tokens, then padding; else real only
+    torch.manual_seed(0)
+    seen = torch.zeros(16)
+    for _ in range(200):
+        seen[random_ltd.sample_indices(1, 16, 5, "cpu", real[2:3])[0]] += 1
+    assert (seen[:9] > 0).all() and (seen[9:] == 0).all()  # uniform among the 9 real tokens
+
+
 def test_finetuning_config_sets_dropout():
     assert finetuning_config(tiny()).dropout == 0.1
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -263,3 +264,10 @@ def _main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(_main(sys.argv[1:]))
+
+
+def test_progress_bar_counts_time_left_between_log_steps(data_dir, tmp_path, capsys) -> None:
+    # No log step until the end: the bar's time left must still move with every step.
+    pretrain(train_cfg(log_interval=10_000, log_interval_s=0.0), tiny_arch(), GPU, data_dir, tmp_path, budget_s=6.0)
+    shown = set(re.findall(r"left=([^,\]\s]+)", capsys.readouterr().err))
+    assert len(shown - {"-"}) >= 2, shown

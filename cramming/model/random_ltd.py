@@ -13,11 +13,21 @@ from collections.abc import Callable
 import torch
 
 
-def sample_indices(batch: int, length: int, keep: int, device: torch.device | str) -> torch.Tensor:
-    """k distinct positions per row, sorted so kept tokens stay in sequence order: [B, k]."""
-    # argsort of uniform noise gives a random permutation per row without a Python loop.
-    perm = torch.rand(batch, length, device=device).argsort(dim=1)
-    return perm[:, :keep].sort(dim=1).values
+def sample_indices(
+    batch: int, length: int, keep: int, device: torch.device | str, real: torch.Tensor | None = None
+) -> torch.Tensor:
+    """k distinct positions per row, sorted so kept tokens stay in sequence order: [B, k].
+
+    With `real` [B, L] (True = a token, False = padding), real tokens are drawn first and padding
+    only fills what they cannot: a subset of padding alone would leave attention no key to attend
+    to (an undefined softmax; NaN in some GPU kernels).
+    """
+    # argsort of uniform noise gives a random permutation per row without a Python loop; +1 on
+    # padding sorts every pad after every real token while keeping the draw uniform among each.
+    noise = torch.rand(batch, length, device=device)
+    if real is not None:
+        noise = noise + (~real).to(noise.dtype)
+    return noise.argsort(dim=1)[:, :keep].sort(dim=1).values
 
 
 def gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -60,7 +70,8 @@ def apply_layer(
     """
     batch, length, _ = x.shape
     if idx is None:
-        idx = sample_indices(batch, length, keep, x.device)
+        real = None if mask is None else mask[:, 0, 0, :]  # the [B, 1, 1, L] key mask's rows
+        idx = sample_indices(batch, length, keep, x.device, real)
     kept_rope = None if rope is None else gather_rope(rope, idx, batch)
     out = layer(gather(x, idx), gather_mask(mask, idx), kept_rope)  # [B, k, H]
     return combine(x, out, idx)

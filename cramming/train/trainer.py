@@ -531,6 +531,12 @@ def pretrain(
 
         log_state = {"loss": torch.zeros((), device=device), "steps": 0, "tokens": 0, "clock": time.monotonic()}
 
+        def show_left(elapsed: float) -> None:
+            """The bar's last logged figures with the time left now (host-side numbers only)."""
+            remaining = budget.remaining_s(elapsed)
+            bar.set_postfix(**log_state.get("postfix", {}), refresh=False,
+                            left=format_duration(remaining) if remaining is not None else "-")
+
         def log_step(elapsed: float, progress: float, lr: float, sequences: int, keep: int | None) -> None:
             """Write one metrics record and refresh the bar: the only place training losses reach the host."""
             if not info.is_main or st["step"] == log_state.get("last_step"):
@@ -547,11 +553,10 @@ def pretrain(
             if ltd.enabled:
                 entry.update(keep_tokens=keep, layer_tokens_saved=st["layer_tokens_saved"])
             record(entry)
-            remaining = budget.remaining_s(elapsed)
             bar.n = round(100 * progress, 1)
-            bar.set_postfix(loss=f"{entry['loss']:.3f}" if entry["loss"] is not None else "nan",
-                            tok_s=f"{tokens_per_s:.0f}", bs=sequences, lr=f"{lr:.2e}",
-                            left=format_duration(remaining) if remaining is not None else "-", refresh=False)
+            log_state["postfix"] = {"loss": f"{entry['loss']:.3f}" if entry["loss"] is not None else "nan",
+                                    "tok_s": f"{tokens_per_s:.0f}", "bs": sequences, "lr": f"{lr:.2e}"}
+            show_left(elapsed)
             bar.refresh()
             log_state["loss"].zero_()
             log_state.update(steps=0, tokens=0, clock=now, last_step=st["step"])
@@ -653,6 +658,7 @@ def pretrain(
                 log_step(elapsed, progress, lr, sequences, keep)
             elif info.is_main:
                 bar.n = round(100 * budget.progress(st["step"], st["tokens"], elapsed), 1)
+                show_left(elapsed)
                 bar.update(0)  # redraws at tqdm's own rate; progress needs no host sync, the loss waits for a log step
             if train.eval_interval_minutes and elapsed - st["last_eval_s"] >= 60 * train.eval_interval_minutes:
                 run_eval(elapsed)
