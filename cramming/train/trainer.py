@@ -98,7 +98,7 @@ class TrainConfig:
     decay_norms_biases_embeddings: bool = False
     """Also decay norm weights, biases (any 1-D parameter) and embedding tables (off in the recipe)."""
     fused: bool | None = None
-    """Fused AdamW kernel: null = when on CUDA, true/false to force."""
+    """Fused AdamW kernel: null = on CUDA and CPU (where torch has one), true/false to force."""
     grad_clip: float = 0.5
     """Clip the global gradient norm to this value (0 = no clipping)."""
     # --- schedules -----------------------------------------------------------------------------
@@ -364,6 +364,148 @@ def _read_records(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+class _RunLog:
+    """metrics.jsonl (and TensorBoard) records and the progress bar of the main process.
+
+    Step losses stay on the device until a log step: `log_step` is the only place training
+    losses reach the host. On ranks other than the main one every method is a no-op.
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, budget: Budget, device: torch.device,
+                 resumed_at: int | None, mfu_per_token: float | None) -> None:
+        self.enabled, self.budget, self.mfu_per_token = enabled, budget, mfu_per_token
+        self.path = run_dir / "metrics.jsonl"
+        if resumed_at is not None and enabled and self.path.is_file():
+            # Records written after the checkpoint describe steps that will be redone: drop them so
+            # the resumed log reads as one run.
+            kept = [r for r in _read_records(self.path) if r.get("step", 0) <= resumed_at]
+            write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+        self.file = open(self.path, "a") if enabled else None  # noqa: SIM115 - closed in close()
+        self.tb = _tensorboard(run_dir) if (tensorboard and enabled) else None
+        self.bar = _progress_bar(enabled)
+        self.loss = torch.zeros((), device=device)  # sum of finite step losses since the last record
+        self.steps = self.tokens = 0
+        self.clock = time.monotonic()
+        self.last_step: int | None = None
+        self.postfix: dict[str, Any] = {}
+        if enabled:
+            # Import the plotting stack now: a first import inside the final reserve can take seconds.
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot  # noqa: F401
+
+    def record(self, entry: dict[str, Any]) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(entry) + "\n")
+            self.file.flush()
+        if self.tb is not None:
+            for key, value in entry.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.tb.add_scalar(key, value, entry["step"])
+
+    def add_step(self, loss: torch.Tensor | None, tokens: int) -> None:
+        """Count one optimizer step's tokens, and its loss when it was finite (None: skipped)."""
+        if loss is not None:
+            self.loss += loss
+            self.steps += 1
+        self.tokens += tokens
+
+    def show_left(self, elapsed: float) -> None:
+        """The bar's last logged figures with the time left now (host-side numbers only)."""
+        remaining = self.budget.remaining_s(elapsed)
+        self.bar.set_postfix(**self.postfix, refresh=False,
+                             left=format_duration(remaining) if remaining is not None else "-")
+
+    def tick(self, progress: float, elapsed: float) -> None:
+        """Between log steps: advance the bar; it redraws at tqdm's own rate, with no host sync."""
+        if self.enabled:
+            self.bar.n = round(100 * progress, 1)
+            self.show_left(elapsed)
+            self.bar.update(0)
+
+    def log_step(self, st: dict[str, Any], elapsed: float, progress: float, lr: float, sequences: int,
+                 keep: int | None, random_ltd: bool) -> None:
+        """Write one metrics record for the steps since the last one and refresh the bar."""
+        if not self.enabled or st["step"] == self.last_step:
+            return
+        now = time.monotonic()
+        tokens_per_s = self.tokens / max(now - self.clock, 1e-9)
+        entry = {"step": st["step"], "elapsed_s": round(elapsed, 3), "progress": round(progress, 6),
+                 "loss": float(self.loss.item() / self.steps) if self.steps else None, "lr": lr,
+                 "batch_size": sequences, "tokens_seen": st["tokens"], "tokens_per_s": round(tokens_per_s, 1),
+                 "mfu": tokens_per_s * self.mfu_per_token if self.mfu_per_token else None,
+                 "skipped_steps": st["skipped"]}
+        if random_ltd:
+            entry.update(keep_tokens=keep, layer_tokens_saved=st["layer_tokens_saved"])
+        self.record(entry)
+        self.bar.n = round(100 * progress, 1)
+        self.postfix = {"loss": f"{entry['loss']:.3f}" if entry["loss"] is not None else "nan",
+                        "tok_s": f"{tokens_per_s:.0f}", "bs": sequences, "lr": f"{lr:.2e}"}
+        self.show_left(elapsed)
+        self.bar.refresh()
+        self.loss.zero_()
+        self.steps = self.tokens = 0
+        self.clock, self.last_step = now, st["step"]
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.file is not None:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _maskers(manifest: dict[str, Any], train: TrainConfig) -> tuple[Any, Any]:
+    """The training masker and the held-out one (a different rate with train.eval_mask_rate)."""
+    from cramming.data.masking import MLMMasker
+
+    special = manifest["special_tokens"]
+
+    def masker(rate: float) -> MLMMasker:
+        return MLMMasker(int(manifest["vocab_size"]), int(special["mask"]), special.values(), mask_rate=rate,
+                         replace_mask=train.replace_mask, replace_random=train.replace_random,
+                         fixed_count=train.fixed_count)
+
+    training = masker(train.mask_rate)
+    return training, (training if train.eval_mask_rate is None else masker(train.eval_mask_rate))
+
+
+def _resume(run_dir: Path, raw: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: Any,
+            st: dict[str, Any], budget: Budget) -> Path:
+    """Load the newest checkpoint of `run_dir` into model, optimizer, scaler, counters, RNGs and budget."""
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise CrammingError(f"resume: {run_dir} has no complete checkpoint under {run_dir / 'checkpoints'}")
+    saved, _ = load_checkpoint(ckpt, raw)
+    optimizer.load_state_dict(saved["optimizer"])
+    scaler.load_state_dict(saved["scaler"])
+    st.update(saved["counters"])
+    _set_rng_state(saved["rng"])
+    budget.elapsed_offset = st["elapsed_s"]
+    budget.note_final_cost(st["final_cost_s"])
+    log.warning("resuming %s from %s: step %d, %s of budget used", run_dir, ckpt.name, st["step"],
+                format_duration(st["elapsed_s"]))
+    return ckpt
+
+
+def _export_final(raw: torch.nn.Module, run_dir: Path, data_dir: Path, manifest: dict[str, Any],
+                  summary: dict[str, Any], train: TrainConfig) -> Path:
+    """Write the final export (atomically replacing any earlier one) and the loss plot."""
+    from cramming.model import export
+
+    final = run_dir / "final"
+    tmp = run_dir / f".final.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    export.save_pretrained(raw, tmp, data_dir / manifest["tokenizer"],
+                           extra_config={"cramming_training": {**summary, "train": dataclasses.asdict(train)}})
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _plot_loss(_read_records(run_dir / "metrics.jsonl"), run_dir / "loss.png")
+    return final
+
+
 # ---------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------
@@ -387,9 +529,8 @@ def pretrain(
     the exit code to use) when stopped by SIGTERM/SIGINT or by repeated non-finite steps, after
     writing a checkpoint.
     """
-    from cramming.data.masking import MLMMasker
     from cramming.data.shards import PackedDataset, build_loader
-    from cramming.model import bert, export
+    from cramming.model import bert
 
     run_dir, data_dir = Path(run_dir), Path(data_dir)
     seed = train.seed if train.seed is not None else seed
@@ -397,6 +538,7 @@ def pretrain(
     lock = RunLock(run_dir) if info.is_main else None
     budget = Budget(train.budget_kind, {"time": budget_s, "tokens": train.budget_tokens, "steps": train.budget_steps}[
         train.budget_kind], margin_s=train.reserve_margin_s)  # the clock starts here: setup counts
+    runlog: _RunLog | None = None
     try:
         if lock:
             lock.acquire()
@@ -404,7 +546,6 @@ def pretrain(
         val_dataset = PackedDataset(data_dir, "val")
         manifest = dataset.manifest
         seq_len = int(manifest["seq_len"])
-        special = manifest["special_tokens"]
         arch = dataclasses.replace(arch, vocab_size=int(manifest["vocab_size"]))
         if getattr(arch, "max_seq_len", seq_len) < seq_len:
             raise ConfigError(f"arch.max_seq_len={arch.max_seq_len} is shorter than the data's seq_len={seq_len}")
@@ -422,18 +563,14 @@ def pretrain(
         raw.train()
         optimizer = build_optimizer(raw, train, device)
         scaler = torch.amp.GradScaler("cuda", enabled=gpu.precision == "fp16" and device.type == "cuda")
-        masker = MLMMasker(int(manifest["vocab_size"]), int(special["mask"]), special.values(),
-                           mask_rate=train.mask_rate, replace_mask=train.replace_mask,
-                           replace_random=train.replace_random, fixed_count=train.fixed_count)
-        eval_masker = masker
-        if train.eval_mask_rate is not None:
-            eval_masker = MLMMasker(int(manifest["vocab_size"]), int(special["mask"]), special.values(),
-                                    mask_rate=train.eval_mask_rate, replace_mask=train.replace_mask,
-                                    replace_random=train.replace_random, fixed_count=train.fixed_count)
+        masker, eval_masker = _maskers(manifest, train)
         target = train.target_batch_size or gpu.target_batch_size
         micro = gpu.micro_batch_size
         num_masked = masker.num_targets(seq_len) if train.fixed_count else round(train.mask_rate * seq_len)
         flops_per_seq = bert.training_flops_per_sequence(arch, seq_len, num_masked, fixed_positions=train.fixed_count)
+        # MFU = tokens/s x this: counted FLOPs per token over the peak of every GPU in the run.
+        mfu_per_token = (flops_per_seq / seq_len / (gpu.peak_tflops * 1e12 * info.world_size)
+                         if device.type == "cuda" and gpu.peak_tflops else None)
         ltd = train.random_ltd
         num_layers = int(arch.num_layers)
 
@@ -441,19 +578,7 @@ def pretrain(
         st: dict[str, Any] = {"step": 0, "micro_index": 0, "tokens": 0, "elapsed_s": 0.0, "skipped": 0,
                               "nonfinite_run": 0, "layer_tokens_saved": 0, "final_cost_s": 0.0,
                               "last_ckpt_s": 0.0, "last_eval_s": 0.0}
-        ckpt = latest_checkpoint(run_dir) if resume else None
-        if resume and ckpt is None:
-            raise CrammingError(f"resume: {run_dir} has no complete checkpoint under {run_dir / 'checkpoints'}")
-        if ckpt is not None:
-            saved, _ = load_checkpoint(ckpt, raw)
-            optimizer.load_state_dict(saved["optimizer"])
-            scaler.load_state_dict(saved["scaler"])
-            st.update(saved["counters"])
-            _set_rng_state(saved["rng"])
-            budget.elapsed_offset = st["elapsed_s"]
-            budget.note_final_cost(st["final_cost_s"])
-            log.warning("resuming %s from %s: step %d, %s of budget used", run_dir, ckpt.name, st["step"],
-                        format_duration(st["elapsed_s"]))
+        ckpt = _resume(run_dir, raw, optimizer, scaler, st, budget) if resume else None
 
         model: torch.nn.Module = raw
         # Row gradients for the tied embedding pay off in eager single-process training (CPU);
@@ -462,7 +587,7 @@ def pretrain(
         if info.enabled:
             model = torch.nn.parallel.DistributedDataParallel(raw, device_ids=[device] if device.type == "cuda" else None)
         no_sync = model.no_sync if info.enabled else contextlib.nullcontext
-        sample = masker(torch.randint(len(special), int(manifest["vocab_size"]), (micro, seq_len)))
+        sample = masker(torch.randint(len(manifest["special_tokens"]), int(manifest["vocab_size"]), (micro, seq_len)))
         if manifest.get("packing") == "doc-bounded":
             # The loader's batches carry an attention_mask then: probe (and compile) with one too.
             sample["attention_mask"] = torch.ones(micro, seq_len, dtype=torch.long)
@@ -485,37 +610,15 @@ def pretrain(
         finally:
             if previous_mask is not None:
                 signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
-        metrics_path = run_dir / "metrics.jsonl"
-        if ckpt is not None and info.is_main and metrics_path.is_file():
-            # Records written after the checkpoint describe steps that will be redone: drop them so
-            # the resumed log reads as one run.
-            kept = [r for r in _read_records(metrics_path) if r.get("step", 0) <= st["step"]]
-            write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in kept).encode())
-        metrics = open(metrics_path, "a") if info.is_main else None  # noqa: SIM115 - closed in finally
-        tb = _tensorboard(run_dir) if (train.tensorboard and info.is_main) else None
-        bar = _progress_bar(info.is_main)
-        if info.is_main:
-            # Import the plotting stack now: a first import inside the final reserve can take seconds.
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot  # noqa: F401
-
-        def record(entry: dict[str, Any]) -> None:
-            if metrics is not None:
-                metrics.write(json.dumps(entry) + "\n")
-                metrics.flush()
-            if tb is not None:
-                for key, value in entry.items():
-                    if isinstance(value, (int, float)) and key not in ("step",):
-                        tb.add_scalar(key, value, entry["step"])
+        runlog = _RunLog(run_dir, info.is_main, train.tensorboard, budget, device,
+                         st["step"] if ckpt is not None else None, mfu_per_token)
 
         def run_eval(elapsed: float) -> float | None:
             val = None
             if info.is_main:
                 val = evaluate(raw, val_dataset, eval_masker, micro, train.eval_batches, seed, device, gpu.precision)
-                record({"event": "eval", "step": st["step"], "elapsed_s": round(elapsed, 3),
-                        "progress": budget.progress(st["step"], st["tokens"], elapsed), "val_loss": val})
+                runlog.record({"event": "eval", "step": st["step"], "elapsed_s": round(elapsed, 3),
+                               "progress": budget.progress(st["step"], st["tokens"], elapsed), "val_loss": val})
             dist_utils.barrier(info)
             return val
 
@@ -528,38 +631,6 @@ def pretrain(
                 save_checkpoint(run_dir, raw, state, config_text, st["step"], keep=train.keep_checkpoints)
             dist_utils.barrier(info)
             return time.monotonic() - start
-
-        log_state = {"loss": torch.zeros((), device=device), "steps": 0, "tokens": 0, "clock": time.monotonic()}
-
-        def show_left(elapsed: float) -> None:
-            """The bar's last logged figures with the time left now (host-side numbers only)."""
-            remaining = budget.remaining_s(elapsed)
-            bar.set_postfix(**log_state.get("postfix", {}), refresh=False,
-                            left=format_duration(remaining) if remaining is not None else "-")
-
-        def log_step(elapsed: float, progress: float, lr: float, sequences: int, keep: int | None) -> None:
-            """Write one metrics record and refresh the bar: the only place training losses reach the host."""
-            if not info.is_main or st["step"] == log_state.get("last_step"):
-                return
-            now = time.monotonic()
-            tokens_per_s = log_state["tokens"] / max(now - log_state["clock"], 1e-9)
-            mfu = (tokens_per_s / seq_len * flops_per_seq / (gpu.peak_tflops * 1e12 * info.world_size)
-                   if device.type == "cuda" and gpu.peak_tflops else None)
-            steps = log_state["steps"]
-            entry = {"step": st["step"], "elapsed_s": round(elapsed, 3), "progress": round(progress, 6),
-                     "loss": float(log_state["loss"].item() / steps) if steps else None, "lr": lr,
-                     "batch_size": sequences, "tokens_seen": st["tokens"],
-                     "tokens_per_s": round(tokens_per_s, 1), "mfu": mfu, "skipped_steps": st["skipped"]}
-            if ltd.enabled:
-                entry.update(keep_tokens=keep, layer_tokens_saved=st["layer_tokens_saved"])
-            record(entry)
-            bar.n = round(100 * progress, 1)
-            log_state["postfix"] = {"loss": f"{entry['loss']:.3f}" if entry["loss"] is not None else "nan",
-                                    "tok_s": f"{tokens_per_s:.0f}", "bs": sequences, "lr": f"{lr:.2e}"}
-            show_left(elapsed)
-            bar.refresh()
-            log_state["loss"].zero_()
-            log_state.update(steps=0, tokens=0, clock=now, last_step=st["step"])
 
         nan_steps = {int(s) for s in os.environ.get(NAN_STEPS_ENV, "").split(",") if s.strip()}
         val_loss: float | None = None
@@ -632,15 +703,13 @@ def pretrain(
             if finite:
                 scaler.step(optimizer)
                 st["nonfinite_run"] = 0
-                log_state["loss"] += step_loss
-                log_state["steps"] += 1
             else:
                 st["skipped"] += 1
                 st["nonfinite_run"] += 1
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             st["step"] += 1
-            log_state["tokens"] += sequences * seq_len
+            runlog.add_step(step_loss if finite else None, sequences * seq_len)
             # A smoothed per-micro-batch time sizes the next step for the deadline check; the
             # first step (loader start-up) is left out and one slow step (a busy host) cannot
             # end the run early.
@@ -653,13 +722,11 @@ def pretrain(
 
             # --- log, evaluate, checkpoint ----------------------------------------------------
             elapsed = budget.elapsed()
-            since_log = time.monotonic() - log_state["clock"]
+            since_log = time.monotonic() - runlog.clock
             if st["step"] % train.log_interval == 0 or (train.log_interval_s and since_log >= train.log_interval_s):
-                log_step(elapsed, progress, lr, sequences, keep)
-            elif info.is_main:
-                bar.n = round(100 * budget.progress(st["step"], st["tokens"], elapsed), 1)
-                show_left(elapsed)
-                bar.update(0)  # redraws at tqdm's own rate; progress needs no host sync, the loss waits for a log step
+                runlog.log_step(st, elapsed, progress, lr, sequences, keep, ltd.enabled)
+            else:
+                runlog.tick(budget.progress(st["step"], st["tokens"], elapsed), elapsed)
             if train.eval_interval_minutes and elapsed - st["last_eval_s"] >= 60 * train.eval_interval_minutes:
                 run_eval(elapsed)
                 st["last_eval_s"] = elapsed
@@ -669,9 +736,9 @@ def pretrain(
                 budget.note_final_cost(checkpoint(elapsed) * 2)
 
         # --- final phase: checkpoint (always), then held-out loss and export unless interrupted --
-        if st["step"] > 0:
-            log_step(budget.elapsed(), progress, lr, sequences, keep)  # the steps since the last record
-        bar.close()
+        if st["step"] > 0:  # the steps since the last record
+            runlog.log_step(st, budget.elapsed(), progress, lr, sequences, keep, ltd.enabled)
+        runlog.bar.close()
         elapsed = budget.elapsed()
         checkpoint(elapsed)
         if stop_reason == "signal":
@@ -685,31 +752,22 @@ def pretrain(
                 3)
         val_loss = run_eval(budget.elapsed())
         final = run_dir / "final"
-        summary: dict[str, Any] = {}
         if info.is_main:
-            final_loss = next((r["loss"] for r in reversed(_read_records(metrics_path))
+            final_loss = next((r["loss"] for r in reversed(_read_records(runlog.path))
                                if r.get("event") != "eval" and r.get("loss") is not None), None)
             tokens_per_s = st["tokens"] / max(budget.elapsed(), 1e-9)
             summary = {
                 "budget_kind": train.budget_kind, "budget_s": budget_s if train.budget_kind == "time" else None,
                 "budget_amount": budget.total, "elapsed_s": None, "steps": st["step"], "tokens_seen": st["tokens"],
                 "final_loss": final_loss, "val_loss": val_loss, "tokens_per_s": round(tokens_per_s, 1),
-                "mfu": (tokens_per_s / seq_len * flops_per_seq / (gpu.peak_tflops * 1e12 * info.world_size)
-                        if device.type == "cuda" and gpu.peak_tflops else None),
+                "mfu": tokens_per_s * mfu_per_token if mfu_per_token else None,
                 "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                 "gpu_profile": gpu.name, "precision": gpu.precision, "compile": compile_path,
                 "skipped_steps": st["skipped"], "layer_tokens_saved": st["layer_tokens_saved"],
                 "world_size": info.world_size, "train_recipe": train.name, "arch": getattr(arch, "name", None),
                 "data_config_hash": manifest.get("config_hash"),
             }
-            tmp = run_dir / f".final.tmp-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            export.save_pretrained(raw, tmp, data_dir / manifest["tokenizer"],
-                                   extra_config={"cramming_training": {**summary, "train": dataclasses.asdict(train)}})
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _plot_loss(_read_records(metrics_path), run_dir / "loss.png")
+            _export_final(raw, run_dir, data_dir, manifest, summary, train)
             summary["elapsed_s"] = round(budget.elapsed(), 3)
             summary["overrun_s"] = (round(summary["elapsed_s"] - budget_s, 3) if train.budget_kind == "time" else None)
             write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2).encode())
@@ -722,10 +780,8 @@ def pretrain(
             del loader  # shut the workers down now, not at interpreter exit
         if "signals" in locals():
             signals.__exit__()
-        if "metrics" in locals() and metrics is not None:
-            metrics.close()
-        if "tb" in locals() and tb is not None:
-            tb.close()
+        if runlog is not None:
+            runlog.close()
         if lock:
             lock.release()
         dist_utils.teardown(info)
