@@ -10,12 +10,17 @@ their best settings: fused AdamW on CUDA, autocast at --precision, torch.compile
 Inputs are random token ids with a fixed number of masked positions per row (25% by default):
 crammed-bert scores only those (sparse prediction, static shapes); BertForMaskedLM gets the same
 labels (-100 elsewhere) and computes its dense head, as it always does.
+
+Peak memory per model = its resident state (weights, gradients, AdamW moments) + the most its
+steps allocated on top: from the CUDA allocator's peak on GPU, from the kernel's resident-set
+high-water mark (reset before each timed block) on Linux CPUs.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import dataclasses
 import datetime
 import json
@@ -142,11 +147,6 @@ class Runner:
 
     def run(self, batches: list, steps: int, timed: bool) -> None:
         cuda = self.device.type == "cuda"
-        if cuda:
-            torch.cuda.synchronize()
-            start_alloc = torch.cuda.memory_allocated()
-            own = self.state_bytes()
-            torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         for i in range(steps):
             loss = self.step(*batches[i % len(batches)])
@@ -156,9 +156,25 @@ class Runner:
         self.losses.append(float(loss))  # the only host sync besides the timer's
         if timed:
             self.rates.append(steps * batches[0][0].numel() / elapsed)
-            if cuda:
-                # Peak of this model alone: its own resident state + what its steps allocated on top.
-                self.peak_bytes = max(self.peak_bytes, torch.cuda.max_memory_allocated() - start_alloc + own)
+
+    def measure_memory(self, batches: list) -> None:
+        """Peak of this model alone over one untimed step: its resident state (weights, gradients,
+        AdamW moments) + what the step allocated on top of what was resident before it."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            start = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            self.run(batches, 1, timed=False)
+            extra = torch.cuda.max_memory_allocated() - start
+        else:
+            # Separate from the timed blocks: returning cached pages to the OS makes the next step
+            # fault them back in, which would be timed otherwise.
+            start = _cpu_reset_peak()
+            if start is None:
+                return
+            self.run(batches, 1, timed=False)
+            extra = _cpu_peak_rss() - start
+        self.peak_bytes = extra + self.state_bytes()
 
     def result(self, peak_tflops: float | None, seq_len: int) -> dict[str, Any]:
         rate = statistics.median(self.rates) if self.rates else float("nan")
@@ -170,6 +186,32 @@ class Runner:
             "peak_mem_mb": self.peak_bytes / 2**20 if self.peak_bytes else None, "mfu": mfu,
             "flops_per_seq": self.flops_per_seq, "final_loss": self.losses[-1] if self.losses else None,
         }
+
+
+def _proc_status_bytes(key: str) -> int | None:
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024  # reported in kB
+    return None
+
+
+def _cpu_reset_peak() -> int | None:
+    """Start a CPU peak-memory window (Linux): return cached free memory to the OS, reset VmHWM.
+
+    Returns the resident bytes now, or None where the kernel offers no resettable peak.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc keeps freed pages; they would hide new ones
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # 5 = reset the peak RSS to the current RSS
+    except OSError:
+        return None
+    return _proc_status_bytes("VmRSS")
+
+
+def _cpu_peak_rss() -> int:
+    return _proc_status_bytes("VmHWM") or 0
 
 
 def _cpu_name() -> str:
@@ -250,6 +292,8 @@ def bench_model(args: argparse.Namespace) -> dict[str, Any]:
         for runner in order:
             runner.run(batches, args.steps, timed=True)
 
+    for runner in runners:
+        runner.measure_memory(batches)
     peak = args.peak_tflops or detect_peak_tflops(device, args.precision)
     results = [r.result(peak, args.seq_len) for r in runners]
     base = next((r for r in results if not r["model"].startswith(specs[0][0])), None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -22,6 +23,8 @@ def test_bench_model_runs_and_reports_sane_numbers(tmp_path, capsys):
     for r in report["results"]:
         assert r["tokens_per_s"] > 0 and math.isfinite(r["tokens_per_s"]) and len(r["tokens_per_s_all"]) == 2
         assert r["flops_per_seq"] > 0 and math.isfinite(r["final_loss"]) and r["mfu"] is None
+        if Path("/proc/self/clear_refs").exists():  # Linux: the CPU peak is measured too
+            assert r["peak_mem_mb"] > 0
     assert report["results"][1]["ratio"] == 1.0 and report["num_masked"] == 8
     ours, base = report["results"]
     paired = [a / b for a, b in zip(ours["tokens_per_s_all"], base["tokens_per_s_all"], strict=True)]
