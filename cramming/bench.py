@@ -230,6 +230,42 @@ def _quartiles(values: list[float]) -> tuple[float, float]:
     return q[0], q[2]
 
 
+# Kernel or operator name fragments -> the share of step time they stand for (first match wins).
+PROFILE_GROUPS = (
+    ("attention", ("flash", "fmha", "attention")),
+    ("matmul", ("gemm", "cutlass", "xmma", "matmul", "aten::mm", "aten::bmm", "aten::addmm", "nvjet")),
+    ("optimizer", ("adam",)),
+    ("softmax / cross-entropy", ("softmax", "nll")),
+    ("fused element-wise (triton)", ("triton",)),
+)
+
+
+def profile_steps(runner: Runner, batches: list, steps: int, path: Path) -> dict[str, Any]:
+    """Profile `steps` training steps: top operators/kernels table to `path`, time shares by group.
+
+    On CUDA the shares are of GPU kernel time (what MFU is lost to); on CPU of operator self time.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = runner.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        runner.run(batches, steps, timed=False)
+    events = prof.key_averages()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(events.table(sort_by=key, row_limit=40) + "\n")
+    # On CUDA only kernels count (names without the aten:: prefix of host-side operators).
+    rows = [(e.key, getattr(e, key)) for e in events if getattr(e, key) > 0 and (not cuda or not e.key.startswith("aten::"))]
+    total = sum(t for _, t in rows) or 1.0
+    shares: dict[str, float] = {}
+    for name, t in rows:
+        group = next((g for g, frags in PROFILE_GROUPS if any(f in name.lower() for f in frags)), "other")
+        shares[group] = shares.get(group, 0.0) + t / total
+    return {"table": str(path), "steps": steps, "time_per_step_ms": total / steps / 1e3,
+            "shares": dict(sorted(shares.items(), key=lambda kv: -kv[1]))}
+
+
 def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
@@ -294,6 +330,9 @@ def bench_model(args: argparse.Namespace) -> dict[str, Any]:
 
     for runner in runners:
         runner.measure_memory(batches)
+    profiled = None
+    if args.profile and runners and runners[0].ours:
+        profiled = profile_steps(runners[0], batches, args.steps, args.profile)
     peak = args.peak_tflops or detect_peak_tflops(device, args.precision)
     results = [r.result(peak, args.seq_len) for r in runners]
     base = next((r for r in results if not r["model"].startswith(specs[0][0])), None)
@@ -311,7 +350,7 @@ def bench_model(args: argparse.Namespace) -> dict[str, Any]:
         "torch": torch.__version__, "precision": args.precision, "compile": args.compile,
         "batch_size": args.batch_size, "seq_len": args.seq_len, "num_masked": num_masked,
         "arch": dataclasses.asdict(cfg), "peak_tflops": peak, "emulate": emulated,
-        "memory_fraction": args.memory_fraction, "fits": fits, "results": results,
+        "memory_fraction": args.memory_fraction, "fits": fits, "results": results, "profile": profiled,
     }
 
 
@@ -333,6 +372,10 @@ def markdown(report: dict[str, Any]) -> str:
         ratio = fmt(r["ratio"], ".2f") + (f" ({spread[0]:.2f}-{spread[1]:.2f})" if spread else "")
         lines.append(f"| {r['model']} | {r['params'] / 1e6:.1f} | {fmt(r['tokens_per_s'], ',.0f')} | "
                      f"{ratio} | {fmt(r['peak_mem_mb'], ',.0f')} | {mfu} |")
+    if report.get("profile"):
+        shares = ", ".join(f"{k} {v:.0%}" for k, v in report["profile"]["shares"].items())
+        lines += ["", f"crammed-bert profile ({report['profile']['time_per_step_ms']:.1f} ms/step profiled): {shares}; "
+                  f"table in {report['profile']['table']}"]
     if report["emulate"] or report["memory_fraction"] is not None:
         fits = ", ".join(f"{k}: {'fits' if v else 'OOM'}" for k, v in report["fits"].items())
         lines += ["", f"memory cap {report['memory_fraction']:.3f} of the GPU ({report['emulate'] or 'custom'}): {fits}"]
@@ -365,6 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--memory-fraction", type=float, help="torch.cuda.set_per_process_memory_fraction cap")
     m.add_argument("--emulate", help="GPU profile to emulate by memory cap (e.g. rtx2080ti): its micro-batch and precision")
     m.add_argument("--out", type=Path, help="write the report as JSON here")
+    m.add_argument("--profile", type=Path, help="also profile --steps steps of crammed-bert: kernel table to this file")
     sub.add_parser("data", help="data loader + masking throughput (cramming.data.benchmark)", add_help=False)
     return parser
 

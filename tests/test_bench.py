@@ -16,7 +16,7 @@ def test_bench_model_runs_and_reports_sane_numbers(tmp_path, capsys):
     out = tmp_path / "bench.json"
     code = bench.main(["model", "--device", "cpu", "--hidden", "32", "--layers", "2", "--heads", "2", "--vocab", "200",
                        "--seq-len", "32", "--batch-size", "4", "--repeats", "2", "--steps", "2", "--warmup", "1",
-                       "--threads", "1", "--out", str(out)])
+                       "--threads", "1", "--out", str(out), "--profile", str(tmp_path / "profile.txt")])
     assert code == 0
     report = json.loads(out.read_text())
     assert [r["model"] for r in report["results"]] == ["crammed-bert", "BertForMaskedLM (sdpa)"]
@@ -29,6 +29,9 @@ def test_bench_model_runs_and_reports_sane_numbers(tmp_path, capsys):
     ours, base = report["results"]
     paired = [a / b for a, b in zip(ours["tokens_per_s_all"], base["tokens_per_s_all"], strict=True)]
     assert ours["ratio_all"] == pytest.approx(paired) and min(paired) <= ours["ratio"] <= max(paired)
+    profiled = report["profile"]
+    assert (tmp_path / "profile.txt").read_text().count("aten::mm") >= 1 and profiled["time_per_step_ms"] > 0
+    assert sum(profiled["shares"].values()) == pytest.approx(1.0) and profiled["shares"]["matmul"] > 0
     table = capsys.readouterr().out
     assert "| crammed-bert |" in table and "tokens/s" in table
 

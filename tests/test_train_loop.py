@@ -271,3 +271,14 @@ def test_progress_bar_counts_time_left_between_log_steps(data_dir, tmp_path, cap
     pretrain(train_cfg(log_interval=10_000, log_interval_s=0.0), tiny_arch(), GPU, data_dir, tmp_path, budget_s=6.0)
     shown = set(re.findall(r"left=([^,\]\s]+)", capsys.readouterr().err))
     assert len(shown - {"-"}) >= 2, shown
+
+
+def test_budget_smaller_than_setup_warns_and_skips_the_repeated_eval(data_dir, tmp_path, caplog) -> None:
+    with caplog.at_level("WARNING", logger="cramming.train.trainer"):
+        pretrain(train_cfg(), tiny_arch(), GPU, data_dir, tmp_path, budget_s=0.2)
+    assert any("budget is spent before the first step" in r.getMessage() for r in caplog.records)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    evals = [r for r in records(tmp_path) if r.get("event") == "eval"]
+    # No step taken: the start-of-run held-out loss is the final one, measured once.
+    assert summary["steps"] == 0 and len(evals) == 1 and summary["val_loss"] == evals[0]["val_loss"]
+    assert (tmp_path / "final" / "model.safetensors").is_file()

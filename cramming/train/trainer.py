@@ -644,6 +644,13 @@ def pretrain(
             st["final_cost_s"] = eval_cost + 2 * save_cost  # checkpoint + export
             budget.note_final_cost(st["final_cost_s"])
             st["last_ckpt_s"] = st["last_eval_s"] = budget.elapsed()
+        if budget.done(st["step"], st["tokens"]):
+            log.warning(
+                "the budget is spent before the first step: setup took %s and the final phase (held-out "
+                "loss, checkpoint, export) is expected to take %s; the run will end without training and "
+                "overrun. Give a larger budget, or make the fixed costs smaller (train.eval_batches, a "
+                "smaller arch on this device)", format_duration(budget.elapsed()), format_duration(st["final_cost_s"]))
+        start_step = st["step"]
 
         step_time_per_micro = 0.0
         stop_reason = "budget"
@@ -750,7 +757,8 @@ def pretrain(
                 f"stopped after {st['nonfinite_run']} non-finite steps in a row at step {st['step']} (lr {lr:.2e}); "
                 f"a checkpoint was written. Lower train.lr, raise train.warmup_fraction, or use gpu.precision=bf16/fp32",
                 3)
-        val_loss = run_eval(budget.elapsed())
+        if st["step"] > start_step or val_loss is None:  # else the start-of-run loss is still the model's
+            val_loss = run_eval(budget.elapsed())
         final = run_dir / "final"
         if info.is_main:
             final_loss = next((r["loss"] for r in reversed(_read_records(runlog.path))
