@@ -6,14 +6,14 @@
 
 `model` times full training steps (forward + backward + AdamW step) of both models in the same
 process, interleaved (A B, B A, ...), warm-up excluded, and reports medians over repeats. Both get
-their best settings: fused AdamW on CUDA, autocast at --precision, torch.compile with --compile.
+their best settings: fused AdamW (CUDA and CPU), autocast at --precision, torch.compile with --compile.
 Inputs are random token ids with a fixed number of masked positions per row (25% by default):
 crammed-bert scores only those (sparse prediction, static shapes); BertForMaskedLM gets the same
 labels (-100 elsewhere) and computes its dense head, as it always does.
 
 Peak memory per model = its resident state (weights, gradients, AdamW moments) + the most its
-steps allocated on top: from the CUDA allocator's peak on GPU, from the kernel's resident-set
-high-water mark (reset before each timed block) on Linux CPUs.
+steps allocated on top, over one untimed step after the timed ones: from the CUDA allocator's
+peak on GPU, from the kernel's resident-set high-water mark (reset first) on Linux CPUs.
 """
 
 from __future__ import annotations

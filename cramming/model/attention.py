@@ -8,7 +8,6 @@ numerical reference; the others must agree with it within floating-point toleran
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -22,14 +21,21 @@ AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor 
 def eager_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout_p: float, training: bool
 ) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v, written out; the reference the fused kernels are tested against."""
-    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # [B, H, L, L]
+    """softmax(q k^T / sqrt(d)) v, written out; the reference the fused kernels are tested against.
+
+    Also the CPU path of `sdpa`: torch's fused CPU kernel tiles for long sequences, and at BERT
+    lengths these two plain batched products are 1.1-1.6x faster forward + backward on a 2-core
+    x86 CPU (L 128-512, head size 16-64; docs/benchmarks.md).
+    """
+    # Scaling q (L x D) rather than the scores (L x L) is the cheaper place.
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # [B, H, Lq, L]
     if mask is not None:
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    # Softmax in fp32 even under autocast: the reference must not lose precision to half types.
+    # Softmax in fp32 even under autocast: the reference must not lose precision to half types
+    # (both casts are no-ops in fp32).
     probs = scores.float().softmax(dim=-1).to(v.dtype)
-    probs = F.dropout(probs, p=dropout_p, training=training)
-    return probs @ v  # [B, H, L, D]
+    probs = F.dropout(probs, p=dropout_p, training=training)  # returns probs itself when p = 0
+    return probs @ v  # [B, H, Lq, D]
 
 
 def sdpa_attention(
@@ -38,29 +44,11 @@ def sdpa_attention(
     """torch's fused scaled_dot_product_attention (flash / memory-efficient kernels) on GPU.
 
     Without a mask, torch picks flash attention on GPU; a boolean mask routes to the
-    memory-efficient or math kernel. On CPU, plain matrix products instead (`_cpu_attention`).
+    memory-efficient or math kernel. On CPU, the plain matmuls of `eager_attention`, which are faster there.
     """
     if q.device.type == "cpu":
-        return _cpu_attention(q, k, v, mask, dropout_p if training else 0.0)
+        return eager_attention(q, k, v, mask, dropout_p, training)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p if training else 0.0)
-
-
-def _cpu_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout_p: float
-) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v as two batched matmuls, for the CPU.
-
-    torch's fused CPU kernel tiles for long sequences; at BERT lengths, forward + backward of
-    these plain products is 1.1-1.6x faster on a 2-core x86 CPU (L 128-512, head size 16-64;
-    docs/benchmarks.md). Scaling q (L x D) rather than the scores (L x L) is the cheaper place.
-    """
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # [B, H, Lq, L]
-    if mask is not None:
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    probs = scores.softmax(dim=-1)
-    if dropout_p:
-        probs = F.dropout(probs, p=dropout_p)
-    return probs @ v
 
 
 def _flash_attn_func() -> Callable:

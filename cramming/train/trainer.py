@@ -490,8 +490,8 @@ def _resume(run_dir: Path, raw: torch.nn.Module, optimizer: torch.optim.Optimize
 
 
 def _export_final(raw: torch.nn.Module, run_dir: Path, data_dir: Path, manifest: dict[str, Any],
-                  summary: dict[str, Any], train: TrainConfig) -> Path:
-    """Write the final export (atomically replacing any earlier one) and the loss plot."""
+                  summary: dict[str, Any], train: TrainConfig) -> None:
+    """Write `run_dir/final` (atomically replacing any earlier one) and the loss plot."""
     from cramming.model import export
 
     final = run_dir / "final"
@@ -503,7 +503,6 @@ def _export_final(raw: torch.nn.Module, run_dir: Path, data_dir: Path, manifest:
         shutil.rmtree(final)
     os.replace(tmp, final)
     _plot_loss(_read_records(run_dir / "metrics.jsonl"), run_dir / "loss.png")
-    return final
 
 
 # ---------------------------------------------------------------------------------------------
