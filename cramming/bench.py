@@ -2,14 +2,19 @@
 
     cram bench model [--device cuda --precision bf16 --compile] [--hidden 256 --layers 4 --vocab 8192]
     cram bench model --device cuda --emulate rtx2080ti      # does the profile's micro-batch fit in 11 GB?
+    cram bench model --export --baseline-dropout 0           # + the exported class, stepped as Trainer does
     cram bench data ...                                      # cramming.data.benchmark (loader throughput)
+    cram bench glue ...                                      # cramming.glue.benchmark (finetuning, trials side by side)
 
-`model` times full training steps (forward + backward + AdamW step) of both models in the same
-process, interleaved (A B, B A, ...), warm-up excluded, and reports medians over repeats. Both get
+`model` times full training steps (forward + backward + AdamW step) of the models in the same
+process, interleaved (A B, B A, ...), warm-up excluded, and reports medians over repeats. All get
 their best settings: fused AdamW (CUDA and CPU), autocast at --precision, torch.compile with --compile.
 Inputs are random token ids with a fixed number of masked positions per row (25% by default):
 crammed-bert scores only those (sparse prediction, static shapes); BertForMaskedLM gets the same
-labels (-100 elsewhere) and computes its dense head, as it always does.
+labels (-100 elsewhere) and computes its dense head, as it always does. With --export, the
+exported `CrammedBertHFForMaskedLM` (what `AutoModelForMaskedLM` loads) runs too, called as
+`transformers.Trainer` calls it: `model(input_ids=..., labels=...).loss`, so its sparse head gathers
+the labelled rows itself; it keeps the default dense gradient of the tied embedding.
 
 Peak memory per model = its resident state (weights, gradients, AdamW moments) + the most its
 steps allocated on top, over one untimed step after the timed ones: from the CUDA allocator's
@@ -36,9 +41,12 @@ from typing import Any
 import torch
 import yaml
 
+from cramming.config import CONFIG_DIR
 from cramming.model.bert import CrammedBertForMLM, ModelConfig, count_parameters, training_flops_per_sequence
 
-CONFIGS = Path(__file__).resolve().parent / "configs"
+CONFIGS = CONFIG_DIR
+BASELINE = "BertForMaskedLM (sdpa)"
+EXPORT = "CrammedBertHFForMaskedLM (export)"
 
 
 def _yaml(path: Path) -> dict[str, Any]:
@@ -69,6 +77,13 @@ def baseline_model(cfg: ModelConfig, seq_len: int, dropout: float) -> torch.nn.M
         max_position_embeddings=max(512, seq_len), hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
     )
     return BertForMaskedLM._from_config(hf, attn_implementation="sdpa")
+
+
+def export_model(cfg: ModelConfig) -> torch.nn.Module:
+    """The exported transformers class with the same architecture (fresh weights)."""
+    from cramming.model.export import CrammedBertConfig, CrammedBertHFForMaskedLM
+
+    return CrammedBertHFForMaskedLM(CrammedBertConfig(**dataclasses.asdict(cfg)))
 
 
 def baseline_flops_config(cfg: ModelConfig) -> ModelConfig:
@@ -298,19 +313,24 @@ def bench_model(args: argparse.Namespace) -> dict[str, Any]:
     cfg = arch_config(args)
     num_masked = max(1, round(args.mask_fraction * args.seq_len))
     torch.manual_seed(0)
-    specs = [("crammed-bert" if args.arch == "crammed-bert" else args.arch, True)]
+    specs = [("crammed-bert" if args.arch == "crammed-bert" else args.arch, "ours")]
     if not args.no_baseline:
-        specs.append(("BertForMaskedLM (sdpa)", False))
+        specs.append((BASELINE, "baseline"))
+    if args.export:
+        specs.append((EXPORT, "export"))
     runners: list[Runner] = []
     fits: dict[str, bool] = {}
     batches = make_batches(cfg, args.batch_size, args.seq_len, num_masked, device)
-    for name, ours in specs:
+    for name, kind in specs:
+        ours = kind == "ours"
         if ours:
             model = CrammedBertForMLM(cfg)
             model.use_sparse_embedding_grad(not args.compile)  # as the trainer sets it
+        elif kind == "export":
+            model = export_model(cfg)
         else:
             model = baseline_model(cfg, args.seq_len, args.baseline_dropout)
-        flops_cfg = cfg if ours else baseline_flops_config(cfg)
+        flops_cfg = baseline_flops_config(cfg) if kind == "baseline" else cfg
         runner = Runner(name, model, ours, args, device, training_flops_per_sequence(flops_cfg, args.seq_len, num_masked, fixed_positions=ours))
         try:
             runner.run(batches, args.warmup, timed=False)  # warm-up (and compile) excluded from timing
@@ -335,9 +355,9 @@ def bench_model(args: argparse.Namespace) -> dict[str, Any]:
         profiled = profile_steps(runners[0], batches, args.steps, args.profile)
     peak = args.peak_tflops or detect_peak_tflops(device, args.precision)
     results = [r.result(peak, args.seq_len) for r in runners]
-    base = next((r for r in results if not r["model"].startswith(specs[0][0])), None)
+    base = next((r for r in results if r["model"] == BASELINE), None)
     for r in results:
-        # Each repeat times both models back to back, so a ratio per repeat cancels slow drifts in
+        # Each repeat times every model back to back, so a ratio per repeat cancels slow drifts in
         # the machine's speed (other tenants on a shared CPU); the median of those is the figure.
         paired = [a / b for a, b in zip(r["tokens_per_s_all"], base["tokens_per_s_all"], strict=True)] if base else []
         r["ratio_all"] = paired
@@ -404,12 +424,16 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--threads", type=int, help="CPU threads (default: the cores available)")
     m.add_argument("--baseline-dropout", type=float, default=0.1, help="BertConfig's default 0.1; 0 to match ours")
     m.add_argument("--no-baseline", action="store_true")
+    m.add_argument("--export", action="store_true",
+                   help="also time the exported CrammedBertHFForMaskedLM, called with labels as transformers.Trainer calls it")
     m.add_argument("--peak-tflops", type=float, help="override the profile's peak for MFU")
     m.add_argument("--memory-fraction", type=float, help="torch.cuda.set_per_process_memory_fraction cap")
     m.add_argument("--emulate", help="GPU profile to emulate by memory cap (e.g. rtx2080ti): its micro-batch and precision")
     m.add_argument("--out", type=Path, help="write the report as JSON here")
     m.add_argument("--profile", type=Path, help="also profile --steps steps of crammed-bert: kernel table to this file")
     sub.add_parser("data", help="data loader + masking throughput (cramming.data.benchmark)", add_help=False)
+    sub.add_parser("glue", help="GLUE finetuning throughput, trials sequential vs side by side (cramming.glue.benchmark)",
+                   add_help=False)
     return parser
 
 
@@ -419,6 +443,10 @@ def main(argv: list[str]) -> int:
         from cramming.data import benchmark  # another stage's module: import only when asked
 
         return int(benchmark.main(argv[1:]) or 0)
+    if argv and argv[0] == "glue":
+        import cramming.glue.benchmark  # another stage's module: import only when asked
+
+        return int(cramming.glue.benchmark.main(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
     args.argv = argv
     report = bench_model(args)

@@ -1,30 +1,76 @@
 """The `cram` command: `cram <stage> [overrides]`.
 
 `data`, `pretrain` and `glue` are Hydra applications over one primary config
-(`cramming/configs/config.yaml`): overrides, `-m` sweeps, `--cfg job`, `--help` and per-run output
-folders work as Hydra users expect. `report` and `bench` take paths and flags, so they use argparse.
+(`configs/config.yaml`): overrides, `-m` sweeps, `--cfg job`, `--help` and per-run output
+folders work as Hydra users expect. `report`, `bench` and `experiment` take paths and flags, so
+they use argparse. STAGES below is the whole map from a stage's name to the code that runs it.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from cramming.errors import CrammingError
 
-# stage -> (module, function, one-line description). Modules are imported lazily so that
-# `cram --help` stays fast and a stage that fails to import cannot break the others.
-HYDRA_STAGES: dict[str, tuple[str, str, str]] = {
-    "data": ("cramming.data.prepare", "run", "download/read, normalise, filter, train the tokenizer, pack 128-token shards"),
-    "pretrain": ("cramming.train.trainer", "run", "pretrain within a wall-clock budget (one-cycle LR, batch ramp, compile)"),
-    "glue": ("cramming.glue.finetune", "run", "finetune a checkpoint on GLUE tasks, N trials each, median table"),
-}
-ARGPARSE_STAGES: dict[str, tuple[str, str, str]] = {
-    "report": ("cramming.report", "main", "tables and plots for one or more run folders"),
-    "bench": ("cramming.bench", "main", "throughput, memory and MFU benchmarks against transformers' BERT"),
-    "experiment": ("cramming.experiment", "main", "a paper's ablation or sweep: pretrain each point, GLUE, one report"),
+# Each entry imports its stage when called, so that `cram --help` does not pay for torch and a
+# stage that fails to import cannot break the others.
+
+
+def _data(cfg: Any) -> None:
+    from cramming.data.prepare import run
+
+    run(cfg)
+
+
+def _pretrain(cfg: Any) -> None:
+    from cramming.pipeline import pretrain
+
+    pretrain(cfg)
+
+
+def _glue(cfg: Any) -> None:
+    from cramming.glue.finetune import run
+
+    run(cfg)
+
+
+def _report(argv: list[str]) -> int:
+    from cramming.report import main
+
+    return main(argv)
+
+
+def _bench(argv: list[str]) -> int:
+    from cramming.bench import main
+
+    return main(argv)
+
+
+def _experiment(argv: list[str]) -> int:
+    from cramming.experiment import main
+
+    return main(argv)
+
+
+@dataclass(frozen=True)
+class Stage:
+    entry: Callable[[Any], Any]
+    """Takes the composed config (a Hydra stage) or the remaining arguments (an argparse stage)."""
+    hydra: bool
+    description: str
+
+
+STAGES: dict[str, Stage] = {
+    "data": Stage(_data, True, "download/read, normalise, filter, train the tokenizer, pack 128-token shards"),
+    "pretrain": Stage(_pretrain, True, "pretrain within a wall-clock budget (one-cycle LR, batch ramp, compile)"),
+    "glue": Stage(_glue, True, "finetune a checkpoint on GLUE tasks, N trials each, median table"),
+    "report": Stage(_report, False, "tables and plots for one or more run folders"),
+    "bench": Stage(_bench, False, "throughput, memory and MFU benchmarks against transformers' BERT"),
+    "experiment": Stage(_experiment, False, "a paper's ablation or sweep: pretrain each point, GLUE, one report"),
 }
 
 USAGE = """usage: cram <stage> [options]
@@ -40,19 +86,7 @@ Run `cram <stage> --help` for that stage's options and config groups.
 
 
 def _usage() -> str:
-    rows = {**HYDRA_STAGES, **ARGPARSE_STAGES}
-    return USAGE.format(stages="\n".join(f"  {name:<9} {desc}" for name, (_, _, desc) in rows.items()))
-
-
-def _load(stage: str, module: str, function: str) -> Callable:
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as err:
-        if err.name and (err.name == module or module.startswith(err.name + ".")):
-            print(f"cram {stage}: this stage is not built yet ({module} is missing).", file=sys.stderr)
-            raise SystemExit(2) from None
-        raise
-    return getattr(mod, function)
+    return USAGE.format(stages="\n".join(f"  {name:<9} {stage.description}" for name, stage in STAGES.items()))
 
 
 def _report_user_error(stage: str, err: CrammingError) -> None:
@@ -66,15 +100,12 @@ def _run_hydra_stage(stage: str, argv: list[str]) -> None:
 
     from cramming.config import CONFIG_DIR, parse_budget
 
-    module, function, _ = HYDRA_STAGES[stage]
-
     @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
     def entry(cfg: DictConfig) -> None:
         try:
             # Validate settings every stage shares before importing (and possibly building) anything.
             parse_budget(cfg.budget)
-            target = _load(stage, module, function)
-            target(cfg)
+            STAGES[stage].entry(cfg)
         except CrammingError as err:
             _report_user_error(stage, err)
 
@@ -92,20 +123,19 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         raise SystemExit(0 if argv else 2)
-    stage, rest = argv[0], argv[1:]
-    if stage in HYDRA_STAGES:
-        _run_hydra_stage(stage, rest)
+    name, rest = argv[0], argv[1:]
+    stage = STAGES.get(name)
+    if stage is None:
+        print(f"cram: unknown stage {name!r}; choose one of: {', '.join(STAGES)}", file=sys.stderr)
+        raise SystemExit(2)
+    if stage.hydra:
+        _run_hydra_stage(name, rest)
         return
-    if stage in ARGPARSE_STAGES:
-        module, function, _ = ARGPARSE_STAGES[stage]
-        target = _load(stage, module, function)
-        try:
-            code = target(rest)
-        except CrammingError as err:
-            _report_user_error(stage, err)
-        raise SystemExit(code or 0)
-    print(f"cram: unknown stage {stage!r}; choose one of: {', '.join([*HYDRA_STAGES, *ARGPARSE_STAGES])}", file=sys.stderr)
-    raise SystemExit(2)
+    try:
+        code = stage.entry(rest)
+    except CrammingError as err:
+        _report_user_error(name, err)
+    raise SystemExit(code or 0)
 
 
 if __name__ == "__main__":

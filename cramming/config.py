@@ -7,6 +7,7 @@ of valid ones, so a typo in an override never silently does nothing.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -21,7 +22,19 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from cramming.errors import ConfigError
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+def _config_dir() -> Path:
+    """Where the Hydra configs are: inside the package when it is installed from a wheel (which
+    carries them as cramming/configs), else the checkout's top-level configs/ (editable install)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "configs", here.parent / "configs"):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    raise ConfigError(f"no configs found (looked for config.yaml in {here / 'configs'} and {here.parent / 'configs'}); "
+                      "reinstall the package (`pip install .`)")
+
+
+CONFIG_DIR = _config_dir()
 
 T = TypeVar("T")
 
@@ -159,35 +172,6 @@ def config_hash(obj: Any, length: int = 12) -> str:
         obj = dataclasses.asdict(obj)
     text = json.dumps(to_container(obj), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:length]
-
-
-# ---------------------------------------------------------------------------------------------
-# Fault injection (tests only)
-# ---------------------------------------------------------------------------------------------
-
-FAULT_ENV = "CRAMMING_FAULT"
-_fault_hits: dict[str, int] = {}
-
-
-def fault_point(name: str) -> None:
-    """Kill this process with SIGKILL here when `CRAMMING_FAULT` selects this point.
-
-    The reliability suite (tests/reliability/) uses it to crash a stage at an exact moment, e.g.
-    in the middle of a checkpoint write, which a timed kill hits only by luck. The value is
-    `<point>` (first hit), `<point>:<n>` (n-th hit) or `*:<n>` (the n-th hit of any point, a
-    "random moment" drawn by the test). Unset, this costs one dict lookup per call.
-    """
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    point, _, nth = spec.partition(":")
-    if point not in (name, "*"):
-        return
-    _fault_hits[point] = _fault_hits.get(point, 0) + 1
-    if _fault_hits[point] >= int(nth or 1):
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,14 +315,29 @@ def resolve_gpu(node: Any) -> GpuProfile:
 
 
 # ---------------------------------------------------------------------------------------------
-# Top-level run settings
+# Configured paths
 # ---------------------------------------------------------------------------------------------
 
-STAGE_GROUPS = ("gpu", "arch", "data", "train", "glue")
+# The keys that hold a user-given path, in whichever stages read them. Paths inside the data
+# config (data.*) are left as written: they are part of the cache key of the prepared data.
+PATH_KEYS = ("paths.data_root", "paths.out_root", "resume", "ckpt", "glue.data_dir", "glue.tokenizer")
+
+# `${cram.path:...}` in the `hydra.run.dir` / `hydra.sweep.dir` of configs/config.yaml: Hydra
+# creates the output folder before any stage runs, so a `~` there is expanded by the config itself.
+OmegaConf.register_new_resolver("cram.path", lambda path: os.path.expanduser(str(path)), replace=True)
 
 
-def run_settings(cfg: DictConfig) -> dict[str, Any]:
-    """The top-level keys of the composed config that are not config groups or Hydra's own."""
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(plain, dict)
-    return {k: v for k, v in plain.items() if k not in STAGE_GROUPS and k != "hydra"}
+def resolve_paths(cfg: DictConfig) -> DictConfig:
+    """A copy of the composed `cfg` with `~` expanded in every configured path (PATH_KEYS).
+
+    Every stage entry point calls this first, so `paths.data_root='~/dc'` names the same folder
+    for `cram data`, `cram pretrain` and `cram glue`. Relative paths stay relative to the working
+    directory (Hydra's job.chdir is off); missing keys, nulls and non-paths such as
+    `ckpt=random-init` are left alone.
+    """
+    resolved = copy.deepcopy(cfg)
+    for key in PATH_KEYS:
+        value = OmegaConf.select(cfg, key, default=None)
+        if isinstance(value, str) and value.startswith("~"):
+            OmegaConf.update(resolved, key, os.path.expanduser(value), merge=False)
+    return resolved

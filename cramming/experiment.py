@@ -2,7 +2,7 @@
 
     cram experiment cramming-ablation --scale tiny --gpu cpu [--budget 2m] [--dry-run]
 
-The presets are the `experiment` config group (cramming/configs/experiment/<name>.yaml): each sets
+The presets are the `experiment` config group (configs/experiment/<name>.yaml): each sets
 `hydra.sweeper.params`, so `cram pretrain -m +experiment=<name>` alone runs its pretraining sweep.
 This runner adds what a comparison needs around that command:
 
@@ -26,13 +26,16 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from cramming import runs
 from cramming.config import CONFIG_DIR
 from cramming.errors import ConfigError
+from cramming.runs import RunFormatError
 
 EXPERIMENT_DIR = CONFIG_DIR / "experiment"
 SCALES = ("tiny", "full")
@@ -160,43 +163,28 @@ def build_plan(args: argparse.Namespace) -> tuple[Path, list[Point], list[list[s
 # ---------------------------------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _read_or_empty(read: Callable[[Path], dict[str, Any]], folder: Path) -> dict[str, Any]:
+    """What `read` finds in `folder`, or {} when the file is missing or unreadable: one broken point
+    leaves its row empty instead of stopping the table of the whole sweep."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return read(folder)
+    except RunFormatError:
+        return {}
+
+
+def _previous_timings(sweep_dir: Path) -> dict[str, float]:
+    """The stage timings an earlier `cram experiment` stored in `sweep_dir`/experiment.json; {} if none."""
+    try:
+        previous = json.loads((sweep_dir / "experiment.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _run_config(run_dir: Path) -> dict[str, Any]:
-    """The run's config, resolved (Hydra saves it with interpolations such as the tiny scale's)."""
-    from omegaconf import OmegaConf
-
-    path = run_dir / ".hydra" / "config.yaml"
-    if not path.is_file():
-        return {}
-    cfg = OmegaConf.load(path)
-    try:
-        import hydra.core.utils  # noqa: F401  (registers the `now` resolver used by run_name)
-
-        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    except Exception:  # an unresolvable value: show the file as written
-        return OmegaConf.to_container(cfg, resolve=False)  # type: ignore[return-value]
+    return (previous.get("timings_s") or {}) if isinstance(previous, dict) else {}
 
 
 def _seconds_per_step(run_dir: Path) -> float | None:
     """Mean wall-clock seconds per optimizer step between the first and last training log records
     (start-up, the start-of-run eval and the final export are outside that window)."""
-    records = []
-    path = run_dir / "metrics.jsonl"
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict) and rec.get("event") is None and "step" in rec:
-                records.append(rec)
+    records = [r for r in runs.read_metrics(run_dir).records if "step" in r]
     if len(records) < 2 or records[-1]["step"] <= records[0]["step"]:
         return None
     return (records[-1]["elapsed_s"] - records[0]["elapsed_s"]) / (records[-1]["step"] - records[0]["step"])
@@ -204,13 +192,11 @@ def _seconds_per_step(run_dir: Path) -> float | None:
 
 def point_row(point: Point) -> dict[str, Any]:
     """The measured values of one point (None where a file or field is missing)."""
-    from cramming.report import glue_columns
-
-    summary = _read_json(point.run_dir / "summary.json")
-    cfg = _run_config(point.run_dir)
+    summary = _read_or_empty(runs.read_summary, point.run_dir)
+    cfg = _read_or_empty(runs.read_run_config, point.run_dir)
     arch = cfg.get("arch") or {}
-    results = _read_json(point.glue_dir / "results.json")
-    columns, average, mean_run = glue_columns(results) if results else ({}, None, None)
+    results = _read_or_empty(runs.read_results, point.glue_dir)
+    columns, average, mean_run = runs.glue_columns(results) if results else ({}, None, None)
     tokens, saved, layers = summary.get("tokens_seen"), summary.get("layer_tokens_saved"), arch.get("num_layers")
     saved_share = saved / (tokens * layers) if tokens and layers and saved is not None else None
     return {
@@ -323,7 +309,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "ones go to cram glue, gpu/seed/paths to both, the rest to cram pretrain. Presets: "
         + ", ".join(available_presets()),
     )
-    parser.add_argument("name", help="experiment preset (a file in cramming/configs/experiment/)")
+    parser.add_argument("name", help="experiment preset (a file in configs/experiment/)")
     parser.add_argument("--scale", choices=SCALES, default="full",
                         help="tiny: a CPU smoke run of a few minutes per point; full: the preset as in the papers")
     parser.add_argument("--budget", default=None, help="pretraining budget per point (default: the scale's)")
@@ -353,8 +339,7 @@ def main(argv: list[str]) -> int:
     if args.table_only:
         if not args.out:
             raise ConfigError("--table-only needs --out: the sweep folder to tabulate")
-        previous = _read_json(sweep_dir / "experiment.json")
-        summary = write_summary(args.name, args.scale, sweep_dir, points, commands, previous.get("timings_s") or {})
+        summary = write_summary(args.name, args.scale, sweep_dir, points, commands, _previous_timings(sweep_dir))
         print(f"experiment table: {summary}")
         return 0
     cram = cram_command()

@@ -7,7 +7,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from cramming.config import fault_point
+from cramming.faults import fault_point
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:

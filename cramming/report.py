@@ -1,8 +1,8 @@
 """`cram report RUN_DIR [RUN_DIR ...]`: tables and plots for pretraining and GLUE runs.
 
-A run folder is a pretraining run (`metrics.jsonl`, `summary.json`, `.hydra/config.yaml`, `final/`),
-a GLUE run (`results.json`, `results.md`), or a folder holding such runs one level down (e.g. a demo
-folder with `pretrain/` and `glue/`); the formats are those of docs/design.md. A GLUE run found
+A run folder is a pretraining run (metrics log, summary, Hydra's saved config, `final/`), a GLUE
+run (results and their markdown table), or a folder holding such runs one level down (e.g. a demo
+folder with `pretrain/` and `glue/`); `cramming.runs` reads them (formats: docs/design.md). A GLUE run found
 beside a pretraining run is attached to it when its checkpoint is that run's `final/` (or when the
 folder holds exactly one of each).
 
@@ -11,17 +11,19 @@ loss, loss-vs-time and LR/batch-vs-time plots, and the GLUE table beside the pap
 Several runs: a comparison table (with the config keys that differ between them), overlaid loss
 and schedule curves, the GLUE rows side by side, then one section per run.
 
-Writes `report.md` and PNGs into `--out` (default: the run folder for one run, else
+`--include FILE` adds a markdown file of one's own (e.g. the demo's fill-mask table) after the
+comparison. Writes `report.md` and PNGs into `--out` (default: the run folder for one run, else
 `outputs/report/<name or timestamp>`) and prints a short summary. Reading is tolerant: optional
-fields that are missing are shown as "n/a", a run still in progress (no summary.json yet) is
+fields that are missing are shown as "n/a", a run still in progress (no summary yet) is
 reported from its metrics. Folders that are not runs raise `ReportError`.
+
+The report renders every table of a run, `results.md` of a GLUE run included (`write_glue_tables`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -29,8 +31,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from cramming import runs as run_files
 from cramming.errors import CrammingError
-from cramming.glue.metrics import GLUE_COLUMNS, PUBLISHED_ROWS  # numpy only: the report never imports torch
+from cramming.fileio import write_atomic
+from cramming.runs import GLUE_COLUMNS, finite_float, glue_columns
 
 # Official GLUE training-set sizes (rows), to flag runs on subsets: their scores are not comparable.
 OFFICIAL_TRAIN_ROWS = {"cola": 8551, "sst2": 67349, "mrpc": 3668, "stsb": 5749, "qqp": 363846,
@@ -46,6 +50,21 @@ KEY_FIELDS = {
     "gpu": ("device", "micro_batch_size", "target_batch_size", "precision", "compile"),
 }
 NA = "n/a"
+
+# Published GLUE dev scores, copied from the project spec's summary of the Cramming paper
+# (RECIPE.md, section 1, "GLUE"). Only the numbers stated there are filled in; the rest stay blank
+# rather than being recalled from memory. Columns as in runs.GLUE_COLUMNS plus "Avg".
+PUBLISHED_ROWS: tuple[tuple[str, dict[str, float]], ...] = (
+    ("published: BERT-base, original checkpoint (Cramming paper, GLUE dev)", {"Avg": 80.9}),
+    ("published: crammed BERT, 1 day on one A6000 (Cramming paper v1, median of 5)", {"Avg": 78.6}),
+    (
+        "published: crammed BERT, reference repo's later checkpoint (best of 5)",
+        {
+            "MNLI-m": 84.1, "MNLI-mm": 84.6, "QQP": 87.5, "QNLI": 90.2, "SST-2": 92.0,
+            "CoLA": 53.3, "STS-B": 87.4, "MRPC": 88.9, "RTE": 58.5, "Avg": 80.7,
+        },
+    ),
+)
 
 
 class ReportError(CrammingError):
@@ -63,15 +82,15 @@ class PretrainRun:
 
     path: Path
     config: dict[str, Any]
-    """`.hydra/config.yaml` as plain containers ({} when absent)."""
+    """The run's saved config as plain containers ({} when absent)."""
     records: list[dict[str, Any]]
-    """Training log records of metrics.jsonl (no eval records)."""
+    """Training log records of the metrics log (no eval records)."""
     evals: list[dict[str, Any]]
     """Eval records (`"event": "eval"`, with `val_loss`)."""
     summary: dict[str, Any]
-    """summary.json ({} while the run is unfinished)."""
+    """The run's summary ({} while the run is unfinished)."""
     bad_lines: int = 0
-    """metrics.jsonl lines that were not JSON (e.g. a line cut by a crash)."""
+    """Metrics log lines that were not JSON (e.g. a line cut by a crash)."""
 
     @property
     def exported(self) -> bool:
@@ -97,69 +116,16 @@ class Run:
     notes: list[str] = field(default_factory=list)
 
 
-def _is_pretrain(path: Path) -> bool:
-    return (path / "metrics.jsonl").is_file() or (path / "summary.json").is_file()
-
-
-def _is_glue(path: Path) -> bool:
-    return (path / "results.json").is_file()
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ReportError(f"{path} is unreadable ({err}); re-run the stage that writes it") from None
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    cfg_path = path / ".hydra" / "config.yaml"
-    if not cfg_path.is_file():
-        return {}
-    from omegaconf import OmegaConf
-
-    try:
-        node = OmegaConf.load(cfg_path)
-    except Exception as err:  # a broken YAML file is the user's; report it instead of a traceback
-        raise ReportError(f"{cfg_path} is not valid YAML ({err})") from None
-    try:
-        # Resolved, so values a preset computes (e.g. ${oc.select:...}) show as numbers; Hydra's
-        # own resolvers (${now:...}) need Hydra, and without them the file is shown as written.
-        cfg = OmegaConf.to_container(node, resolve=True)
-    except Exception:
-        cfg = OmegaConf.to_container(node, resolve=False)
-    return cfg if isinstance(cfg, dict) else {}
-
-
 def read_pretrain(path: Path) -> PretrainRun:
-    """Read a pretraining run folder (metrics.jsonl, summary.json, .hydra/config.yaml)."""
-    records, evals, bad = [], [], 0
-    metrics = path / "metrics.jsonl"
-    if metrics.is_file():
-        for line in metrics.read_text(encoding="utf-8", errors="replace").splitlines():
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                bad += 1
-                continue
-            if not isinstance(rec, dict):
-                bad += 1
-            elif rec.get("event") == "eval":
-                evals.append(rec)
-            elif rec.get("event") is None:
-                records.append(rec)
-    summary = _read_json(path / "summary.json") if (path / "summary.json").is_file() else {}
-    return PretrainRun(path, _read_config(path), records, evals, summary if isinstance(summary, dict) else {}, bad)
+    """Read a pretraining run folder (metrics log, summary, saved config)."""
+    metrics = run_files.read_metrics(path)
+    return PretrainRun(path, run_files.read_run_config(path), metrics.records, metrics.evals,
+                       run_files.read_summary(path), metrics.bad_lines)
 
 
 def read_glue(path: Path) -> GlueRun:
-    """Read a GLUE run folder (results.json)."""
-    results = _read_json(path / "results.json")
-    if not isinstance(results, dict) or not isinstance(results.get("tasks", {}), dict):
-        raise ReportError(f"{path / 'results.json'} does not hold GLUE results (no 'tasks' mapping)")
-    return GlueRun(path, results)
+    """Read a GLUE run folder (its results)."""
+    return GlueRun(path, run_files.read_results(path))
 
 
 def _same_path(a: str | Path, b: Path) -> bool:
@@ -176,17 +142,19 @@ def discover(path: str | Path) -> list[Run]:
         raise ReportError(f"{root}: no such folder. Pass a pretraining run (outputs/pretrain/<run>), "
                           "a GLUE run (outputs/glue/<run>) or a folder holding them")
     if not root.is_dir():
-        raise ReportError(f"{root} is a file; pass a run folder (it holds metrics.jsonl/summary.json or results.json)")
-    if _is_pretrain(root) or _is_glue(root):
-        return [Run(root.name, root, read_pretrain(root) if _is_pretrain(root) else None,
-                    read_glue(root) if _is_glue(root) else None)]
+        raise ReportError(f"{root} is a file; pass a run folder (it holds {run_files.METRICS_FILE}/"
+                          f"{run_files.SUMMARY_FILE} or {run_files.RESULTS_FILE})")
+    is_pretrain, is_glue = run_files.is_pretrain_run, run_files.is_glue_run
+    if is_pretrain(root) or is_glue(root):
+        return [Run(root.name, root, read_pretrain(root) if is_pretrain(root) else None,
+                    read_glue(root) if is_glue(root) else None)]
     children = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    pretrains = [read_pretrain(p) for p in children if _is_pretrain(p)]
-    glues = [read_glue(p) for p in children if _is_glue(p)]
+    pretrains = [read_pretrain(p) for p in children if is_pretrain(p)]
+    glues = [read_glue(p) for p in children if is_glue(p)]
     if not pretrains and not glues:
         raise ReportError(
-            f"{root} is not a run folder: expected metrics.jsonl or summary.json (a pretraining run) or "
-            "results.json (a GLUE run) in it or in one of its subfolders"
+            f"{root} is not a run folder: expected {run_files.METRICS_FILE} or {run_files.SUMMARY_FILE} (a "
+            f"pretraining run) or {run_files.RESULTS_FILE} (a GLUE run) in it or in one of its subfolders"
         )
     if len(pretrains) <= 1 and len(glues) <= 1:
         # A demo/reproduce folder (pretrain/ + glue/, or one of them): one run, named after the folder.
@@ -230,29 +198,19 @@ def _unique_labels(runs: list[Run]) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _num(x: Any) -> float | None:
-    if isinstance(x, bool) or x is None:
-        return None
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
-
-
 def fmt_int(x: Any) -> str:
-    v = _num(x)
+    v = finite_float(x)
     return NA if v is None else f"{round(v):,}"
 
 
 def fmt_float(x: Any, digits: int = 4) -> str:
-    v = _num(x)
+    v = finite_float(x)
     return NA if v is None else f"{v:.{digits}f}"
 
 
 def fmt_tokens(x: Any) -> str:
     """12,345,678 (12.3M): exact and readable."""
-    v = _num(x)
+    v = finite_float(x)
     if v is None:
         return NA
     for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
@@ -262,7 +220,7 @@ def fmt_tokens(x: Any) -> str:
 
 
 def fmt_duration(seconds: Any) -> str:
-    v = _num(seconds)
+    v = finite_float(seconds)
     if v is None:
         return NA
     s = round(v)
@@ -274,14 +232,14 @@ def fmt_duration(seconds: Any) -> str:
 
 
 def fmt_mfu(x: Any, device: Any = None) -> str:
-    v = _num(x)
+    v = finite_float(x)
     if v is None:
         return "n/a (CPU)" if device == "cpu" else NA
     return f"{100 * v:.1f}%"
 
 
 def fmt_score(x: Any) -> str:
-    v = _num(x)
+    v = finite_float(x)
     return "" if v is None else f"{v:.1f}"
 
 
@@ -308,14 +266,14 @@ def _last(records: list[dict[str, Any]], key: str) -> Any:
 
 
 def pretrain_stats(run: PretrainRun) -> dict[str, Any]:
-    """The numbers of the training table, from summary.json, else from the metrics log."""
+    """The numbers of the training table, from the run's summary, else from its metrics log."""
     s, recs = run.summary, run.records
     cfg = run.config
     elapsed = s.get("elapsed_s", _last(recs, "elapsed_s"))
     budget_s = s.get("budget_s")
     if budget_s is None:
         budget_s = _budget_seconds(cfg.get("budget"))
-    used = (_num(elapsed) / _num(budget_s)) if _num(elapsed) is not None and _num(budget_s) else None
+    used = (finite_float(elapsed) / finite_float(budget_s)) if finite_float(elapsed) is not None and finite_float(budget_s) else None
     return {
         "budget": cfg.get("budget"),
         "budget_s": budget_s,
@@ -323,6 +281,7 @@ def pretrain_stats(run: PretrainRun) -> dict[str, Any]:
         "budget_used": used,
         "steps": s.get("steps", _last(recs, "step")),
         "tokens_seen": s.get("tokens_seen", _last(recs, "tokens_seen")),
+        "epochs": s.get("epochs", _last(recs, "epochs")),
         "tokens_per_s": s.get("tokens_per_s", _last(recs, "tokens_per_s")),
         "mfu": s.get("mfu", _last(recs, "mfu")),
         "final_loss": s.get("final_loss", _last(recs, "loss")),
@@ -348,28 +307,13 @@ def _budget_seconds(budget: Any) -> float | None:
         return None
 
 
-def glue_columns(results: dict[str, Any]) -> tuple[dict[str, float | None], float | None, float | None]:
-    """(columns, GLUE average, mean of the columns that ran) of a results.json."""
-    glue = results.get("glue") or {}
-    columns = glue.get("columns")
-    if not isinstance(columns, dict):
-        medians = {name: t.get("median") or {} for name, t in results.get("tasks", {}).items()}
-        columns = {label: medians.get(task, {}).get(key) for label, task, key in GLUE_COLUMNS}
-    present = [v for v in (_num(columns.get(c)) for c, _, _ in GLUE_COLUMNS) if v is not None]
-    average = glue.get("average")
-    if average is None and "average" not in glue and len(present) == len(GLUE_COLUMNS):
-        average = sum(present) / len(present)
-    mean_run = glue.get("mean_of_columns_run", sum(present) / len(present) if present else None)
-    return columns, _num(average), _num(mean_run)
-
-
 def is_subset(results: dict[str, Any]) -> bool:
     """Whether any task ran on fewer training rows than the official GLUE set (or was subsampled)."""
     cfg = results.get("config") or {}
     if cfg.get("max_train_examples") or cfg.get("max_eval_examples"):
         return True
     for name, task in results.get("tasks", {}).items():
-        train = _num((task.get("examples") or {}).get("train"))
+        train = finite_float((task.get("examples") or {}).get("train"))
         if train is not None and name in OFFICIAL_TRAIN_ROWS and train < OFFICIAL_TRAIN_ROWS[name]:
             return True
     return False
@@ -409,23 +353,26 @@ def _figure(rows: int = 1, height: float = 4.0):
 
 
 def _time_axis(runs: list[PretrainRun]) -> tuple[float, str]:
-    longest = max((_num(r.get("elapsed_s")) or 0.0 for p in runs for r in [*p.records, *p.evals]), default=0.0)
-    return (3600.0, "hours") if longest > 3 * 3600 else (60.0, "minutes")
+    longest = max((finite_float(r.get("elapsed_s")) or 0.0 for p in runs for r in [*p.records, *p.evals]), default=0.0)
+    if longest > 3 * 3600:
+        return 3600.0, "hours"
+    # Runs of a few minutes (the demo, tests) read best in seconds: a 0-2 minute axis is too coarse.
+    return (60.0, "minutes") if longest > 600 else (1.0, "seconds")
 
 
 def plot_loss(runs: list[tuple[str, PretrainRun]], path: Path) -> Path | None:
     """Training MLM loss (lines) and held-out loss (markers) against wall-clock time; None if no data."""
-    series = [(label, run) for label, run in runs if any(_num(r.get("loss")) is not None for r in run.records)]
+    series = [(label, run) for label, run in runs if any(finite_float(r.get("loss")) is not None for r in run.records)]
     if not series:
         return None
     scale, unit = _time_axis([run for _, run in series])
     fig, (ax,) = _figure()
     for label, run in series:
         pts = [(r["elapsed_s"] / scale, r["loss"]) for r in run.records
-               if _num(r.get("elapsed_s")) is not None and _num(r.get("loss")) is not None]
+               if finite_float(r.get("elapsed_s")) is not None and finite_float(r.get("loss")) is not None]
         line, = ax.plot(*zip(*pts, strict=True), label=f"{label} (train)" if len(series) > 1 else "train MLM loss")
         evals = [(r["elapsed_s"] / scale, r["val_loss"]) for r in run.evals
-                 if _num(r.get("elapsed_s")) is not None and _num(r.get("val_loss")) is not None]
+                 if finite_float(r.get("elapsed_s")) is not None and finite_float(r.get("val_loss")) is not None]
         if evals:
             ax.plot(*zip(*evals, strict=True), "o--", color=line.get_color(),
                     label=f"{label} (held-out)" if len(series) > 1 else "held-out MLM loss")
@@ -449,7 +396,7 @@ def plot_schedule(runs: list[tuple[str, PretrainRun]], path: Path) -> Path | Non
     for label, run in series:
         for ax, key in ((ax_lr, "lr"), (ax_bs, "batch_size")):
             pts = [(r["elapsed_s"] / scale, r[key]) for r in run.records
-                   if _num(r.get("elapsed_s")) is not None and _num(r.get(key)) is not None]
+                   if finite_float(r.get("elapsed_s")) is not None and finite_float(r.get(key)) is not None]
             if pts:
                 ax.plot(*zip(*pts, strict=True), label=label)
     ax_lr.set_ylabel("learning rate")
@@ -473,7 +420,7 @@ def plot_schedule(runs: list[tuple[str, PretrainRun]], path: Path) -> Path | Non
 def _config_section(run: PretrainRun) -> list[str]:
     cfg = run.config
     if not cfg:
-        return ["No `.hydra/config.yaml` in this run folder; the config is unknown.", ""]
+        return [f"No `{run_files.RUN_CONFIG}` in this run folder; the config is unknown.", ""]
     rows = []
     for group, keys in KEY_FIELDS.items():
         values = cfg.get(group) or {}
@@ -493,18 +440,20 @@ def _pretrain_section(run: PretrainRun) -> list[str]:
                     [[st["device"] or NA, st["gpu_profile"] or NA, st["precision"] or NA, st["compile"],
                       f"{st['budget'] or NA} ({fmt_duration(st['budget_s'])})", fmt_duration(st["elapsed_s"]), used]])
     lines += ["", "### Training", ""]
-    lines += _table(["steps", "tokens seen", "tokens/s", "MFU", "final MLM loss", "held-out MLM loss", "skipped steps"],
-                    [[fmt_int(st["steps"]), fmt_tokens(st["tokens_seen"]), fmt_int(st["tokens_per_s"]),
-                      fmt_mfu(st["mfu"], st["device"]), fmt_float(st["final_loss"]), fmt_float(st["val_loss"]),
-                      fmt_int(st["skipped_steps"])]], align_right=set(range(7)))
+    lines += _table(["steps", "tokens seen", "epochs", "tokens/s", "MFU", "final MLM loss", "held-out MLM loss",
+                     "skipped steps"],
+                    [[fmt_int(st["steps"]), fmt_tokens(st["tokens_seen"]), fmt_float(st["epochs"], 2),
+                      fmt_int(st["tokens_per_s"]), fmt_mfu(st["mfu"], st["device"]), fmt_float(st["final_loss"]),
+                      fmt_float(st["val_loss"]), fmt_int(st["skipped_steps"])]], align_right=set(range(8)))
     lines.append("")
-    first = next((r["loss"] for r in run.records if _num(r.get("loss")) is not None), None)
+    first = next((r["loss"] for r in run.records if finite_float(r.get("loss")) is not None), None)
     if first is not None and st["final_loss"] is not None:
         lines.append(f"Training loss went from {fmt_float(first)} (first log step) to {fmt_float(st['final_loss'])}.")
     if not st["complete"]:
-        lines.append("**No summary.json: the run is unfinished or was interrupted; values come from its last log record.**")
+        lines.append(f"**No {run_files.SUMMARY_FILE}: the run is unfinished or was interrupted; values come from "
+                     "its last log record.**")
     if run.bad_lines:
-        lines.append(f"{run.bad_lines} line(s) of metrics.jsonl were not JSON and were skipped.")
+        lines.append(f"{run.bad_lines} line(s) of {run_files.METRICS_FILE} were not JSON and were skipped.")
     lines.append(f"Exported model: `{run.path / 'final'}`" if run.exported else "No exported model in `final/`.")
     return lines + [""]
 
@@ -535,9 +484,9 @@ def _glue_tasks(results: dict[str, Any]) -> list[str]:
     for name, task in results.get("tasks", {}).items():
         median = task.get("median") or {}
         examples = task.get("examples") or {}
-        dev = sum(v for k, v in examples.items() if k != "train" and _num(v) is not None) if examples else None
+        dev = sum(v for k, v in examples.items() if k != "train" and finite_float(v) is not None) if examples else None
         rows.append([name, fmt_int(examples.get("train")), fmt_int(dev), len(task.get("trials") or []),
-                     ", ".join(f"{k} {v:.2f}" for k, v in median.items() if _num(v) is not None) or NA,
+                     ", ".join(f"{k} {v:.2f}" for k, v in median.items() if finite_float(v) is not None) or NA,
                      fmt_score(task.get("score"))])
     if not rows:
         return ["No task results yet.", ""]
@@ -548,7 +497,7 @@ def _glue_tasks(results: dict[str, Any]) -> list[str]:
 def _glue_header(glue: GlueRun) -> list[str]:
     r = glue.results
     ckpt, run, cfg = r.get("checkpoint") or {}, r.get("run") or {}, r.get("config") or {}
-    out = [f"Results: `{glue.path / 'results.json'}`"
+    out = [f"Results: `{glue.path / run_files.RESULTS_FILE}`"
            + (f" (status: {r['status']})" if r.get("status") and r.get("status") != "complete" else "")]
     if ckpt:
         out.append(f"Checkpoint: `{ckpt.get('path', NA)}` ({ckpt.get('kind', NA)})")
@@ -559,13 +508,73 @@ def _glue_header(glue: GlueRun) -> list[str]:
     return [f"{line}  " for line in out] + [""]
 
 
+def _fmt_g(x: Any) -> str:
+    v = finite_float(x)
+    return NA if v is None else f"{v:g}"
+
+
+def _glue_recipe(results: dict[str, Any]) -> list[str]:
+    """The bullets at the top of results.md: checkpoint, recipe, trials, and whether tasks were subsampled."""
+    src, cfg, run = results.get("checkpoint") or {}, results.get("config") or {}, results.get("run") or {}
+    lines = [
+        f"- checkpoint: `{src.get('path', NA)}` ({src.get('kind', NA)}, sha256 `{str(src.get('sha256', NA))[:16]}`)",
+        f"- recipe: glue={cfg.get('name', NA)}, batch {cfg.get('batch_size', NA)}, lr {_fmt_g(cfg.get('lr'))}, "
+        f"{cfg.get('schedule', NA)} schedule (warmup {_fmt_g(cfg.get('warmup_fraction'))}), epochs "
+        f"{cfg.get('epochs', NA)}, dropout {_fmt_g(cfg.get('dropout'))}, max length {cfg.get('max_seq_len', NA)}; "
+        f"precision {run.get('precision', NA)}",
+        f"- trials per task: {cfg.get('trials', NA)}; each score is the median over trials of the FINAL epoch's "
+        "dev score",
+    ]
+    if cfg.get("max_train_examples") or cfg.get("max_eval_examples"):
+        lines.append(f"- SUBSAMPLED: at most {cfg.get('max_train_examples') or 'all'} train / "
+                     f"{cfg.get('max_eval_examples') or 'all'} dev examples per task; not comparable to full GLUE")
+    return lines + [""]
+
+
+def _glue_trials(results: dict[str, Any]) -> list[str]:
+    """Per task: every trial's final-epoch dev metrics, their median, and the metric's notes."""
+    lines = ["## Per task and trial (percent, final epoch)", ""]
+    for name, task in (results.get("tasks") or {}).items():
+        median = task.get("median") or {}
+        if not median:
+            continue
+        custom = " (custom)" if task.get("custom") else ""
+        lines += [f"### {name}{custom}: headline {', '.join(task.get('headline') or [])}", ""]
+        trials = task.get("trials") or []
+        rows = [[i, t.get("seed"), *(fmt_float((t.get("final") or {}).get(k), 2) for k in median)]
+                for i, t in enumerate(trials, 1)]
+        rows.append(["median", "", *(fmt_float(v, 2) for v in median.values())])
+        lines += _table(["trial", "seed", *median], rows, align_right=set(range(2, len(median) + 2)))
+        notes = sorted({n for t in trials for n in t.get("notes") or []})
+        lines += ["", "Notes: " + "; ".join(notes), ""] if notes else [""]
+    return lines
+
+
+def glue_markdown(results: dict[str, Any]) -> str:
+    """results.md of a GLUE run: its recipe, the measured row beside the published rows, the tasks,
+    and every trial."""
+    path = str((results.get("checkpoint") or {}).get("path", NA))
+    label = "/".join(Path(path).parts[-2:]) or path
+    lines = ["# GLUE dev results", "", *_glue_recipe(results), *_glue_table([(label, results)]),
+             *_glue_tasks(results), *_glue_trials(results)]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_glue_tables(glue_dir: str | Path) -> Path:
+    """Render a GLUE run's results.md from its results, atomically; return its path."""
+    glue_dir = Path(glue_dir)
+    path = glue_dir / run_files.RESULTS_MD
+    write_atomic(path, glue_markdown(run_files.read_results(glue_dir)))
+    return path
+
+
 def _full_config(run: PretrainRun) -> list[str]:
     if not run.config:
         return []
     import yaml
 
     text = yaml.safe_dump(run.config, sort_keys=False, default_flow_style=False, width=110)
-    return ["<details><summary>Full config (.hydra/config.yaml)</summary>", "", "```yaml", text.rstrip(), "```",
+    return [f"<details><summary>Full config ({run_files.RUN_CONFIG})</summary>", "", "```yaml", text.rstrip(), "```",
             "", "</details>", ""]
 
 
@@ -597,10 +606,10 @@ def _comparison(runs: list[Run]) -> list[str]:
         rows.append([r.label, (cfg.get("arch") or {}).get("name", NA), (cfg.get("train") or {}).get("name", NA),
                      (cfg.get("data") or {}).get("name", NA), st.get("gpu_profile") or NA, st.get("budget") or NA,
                      fmt_duration(st.get("elapsed_s")), fmt_int(st.get("steps")), fmt_tokens(st.get("tokens_seen")),
-                     fmt_int(st.get("tokens_per_s")), fmt_mfu(st.get("mfu"), st.get("device")),
+                     fmt_float(st.get("epochs"), 2), fmt_int(st.get("tokens_per_s")), fmt_mfu(st.get("mfu"), st.get("device")),
                      fmt_float(st.get("final_loss")), fmt_float(st.get("val_loss")), glue_cell])
-    lines = _table(["run", "arch", "train", "data", "gpu", "budget", "elapsed", "steps", "tokens seen", "tokens/s",
-                    "MFU", "final loss", "held-out loss", "GLUE avg"], rows, align_right=set(range(6, 14)))
+    lines = _table(["run", "arch", "train", "data", "gpu", "budget", "elapsed", "steps", "tokens seen", "epochs",
+                    "tokens/s", "MFU", "final loss", "held-out loss", "GLUE avg"], rows, align_right=set(range(6, 15)))
     diffs = config_differences(runs)
     if diffs:
         lines += ["", "Config keys that differ between the runs:", ""]
@@ -617,8 +626,22 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "run"
 
 
-def build_report(paths: list[str | Path], out: str | Path | None = None, name: str | None = None) -> Path:
-    """Write report.md (+ PNGs) for the runs in `paths`; return the report's path."""
+def _read_include(path: str | Path) -> list[str]:
+    """The lines of a markdown file given with --include."""
+    try:
+        return Path(path).expanduser().read_text(encoding="utf-8").rstrip().splitlines() + [""]
+    except (OSError, UnicodeDecodeError) as err:
+        raise ReportError(f"--include {path}: cannot read it ({err}); pass a markdown file") from None
+
+
+def build_report(paths: list[str | Path], out: str | Path | None = None, name: str | None = None,
+                 include: list[str | Path] | None = None) -> Path:
+    """Write report.md (+ PNGs) for the runs in `paths`; return the report's path.
+
+    `include`: markdown files placed after the comparison (several runs) or after the run (one run),
+    e.g. the demo's fill-mask predictions.
+    """
+    extra = [line for p in include or () for line in _read_include(p)]
     runs: list[Run] = []
     for p in paths:
         runs.extend(discover(p))
@@ -647,13 +670,14 @@ def build_report(paths: list[str | Path], out: str | Path | None = None, name: s
                 made = fn(pre, out / file)
                 if made:
                     plots[key] = made
-        lines += _run_sections(runs[0], plots, "##", out)
+        lines += _run_sections(runs[0], plots, "##", out) + extra
     else:
         lines += ["## Comparison", ""] + _comparison(runs)
         for title_, fn, file in (("MLM loss vs. time, all runs", plot_loss, "loss_comparison.png"),
                                  ("Learning rate and batch size vs. time, all runs", plot_schedule, "lr_batch_comparison.png")):
             if pre and fn(pre, out / file):
                 lines += [f"![{title_}]({file})", ""]
+        lines += extra
         with_glue = [(r.label, r.glue.results) for r in runs if r.glue]
         if with_glue:
             lines += ["## GLUE (dev)", ""] + _glue_table(with_glue)
@@ -672,6 +696,7 @@ def _print_summary(runs: list[Run], report: Path) -> None:
         if r.pretrain:
             st = pretrain_stats(r.pretrain)
             parts += [f"steps {fmt_int(st['steps'])}", f"tokens {fmt_tokens(st['tokens_seen'])}",
+                      f"epochs {fmt_float(st['epochs'], 2)}",
                       f"loss {fmt_float(st['final_loss'], 3)}", f"held-out {fmt_float(st['val_loss'], 3)}",
                       f"{fmt_int(st['tokens_per_s'])} tok/s"]
         if r.glue:
@@ -683,7 +708,7 @@ def _print_summary(runs: list[Run], report: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    """`cram report RUN_DIR [RUN_DIR ...] [--out DIR] [--name NAME]`."""
+    """`cram report RUN_DIR [RUN_DIR ...] [--out DIR] [--name NAME] [--include FILE ...]`."""
     parser = argparse.ArgumentParser(
         prog="cram report",
         description="Tables and plots for pretraining and GLUE runs. A RUN_DIR is a pretraining run "
@@ -695,8 +720,11 @@ def main(argv: list[str]) -> int:
                         help="folder for report.md and the PNGs (default: the run folder for one run, "
                         "outputs/report/<name or timestamp> for several)")
     parser.add_argument("--name", default=None, help="report title, and its folder name under outputs/report/")
+    parser.add_argument("--include", action="append", default=[], metavar="FILE",
+                        help="a markdown file to place after the comparison (or after the run, for one run); "
+                        "repeatable")
     args = parser.parse_args(argv)
-    build_report(args.runs, args.out, args.name)
+    build_report(args.runs, args.out, args.name, args.include)
     return 0
 
 

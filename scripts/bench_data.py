@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Data preprocessing benchmark (ours vs datasets.map + group_texts); see cramming/data/benchmark.py."""
+"""Data preprocessing benchmarks: ours vs datasets.map + group_texts (cramming/data/benchmark.py), or with
+--scale 1,4,16 `cram data` on 1x/4x/16x the embedded corpus, per phase (cramming/data/scale_bench.py)."""
 
 import sys
 

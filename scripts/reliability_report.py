@@ -36,7 +36,8 @@ python scripts/reliability_report.py    # rewrite this file
 "Survived": after the fault, the re-run or resume completed and its outputs verified (sha256), or
 the fault was detected and reported as a `CrammingError` naming the file, with nothing loaded.
 "Lost": the most work lost in any run (training seconds redone after a kill, trials redone,
-counted skips), against the promised bound in brackets.
+`cram data` work redone: batches or shards the killed run had finished, or a phase that restarts
+as a whole; counted skips), against the promised bound in brackets.
 
 """
 

@@ -39,3 +39,19 @@ def test_bench_model_runs_and_reports_sane_numbers(tmp_path, capsys):
 def test_bench_rejects_unknown_arch():
     with pytest.raises(SystemExit):
         bench.main(["model", "--arch", "nope"])
+
+
+def test_bench_export_row_is_timed_against_the_baseline(tmp_path):
+    out = tmp_path / "bench.json"
+    code = bench.main(["model", "--device", "cpu", "--hidden", "32", "--layers", "2", "--heads", "2", "--vocab", "200",
+                       "--seq-len", "32", "--batch-size", "4", "--repeats", "2", "--steps", "1", "--warmup", "1",
+                       "--threads", "1", "--export", "--baseline-dropout", "0", "--out", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    ours, base, export = report["results"]
+    assert [r["model"] for r in report["results"]] == ["crammed-bert", bench.BASELINE, bench.EXPORT]
+    assert export["params"] == ours["params"] and math.isfinite(export["final_loss"])
+    paired = [a / b for a, b in zip(export["tokens_per_s_all"], base["tokens_per_s_all"], strict=True)]
+    assert export["ratio_all"] == pytest.approx(paired) and base["ratio"] == 1.0
+    # The export gathers its targets from the labels, so its last block computes every row.
+    assert export["flops_per_seq"] > ours["flops_per_seq"]

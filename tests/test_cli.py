@@ -24,6 +24,24 @@ def test_top_level_help_lists_stages(tmp_path):
         assert stage in out.stdout
 
 
+def test_cli_imports_no_stage_until_one_runs():
+    # `cram --help` must stay fast: the table's entries import their stage only when called.
+    code = ("import sys, cramming.cli; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'hydra') or m.startswith("
+            "('cramming.data', 'cramming.train', 'cramming.glue', 'cramming.report', 'cramming.pipeline'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_stage_table_is_what_help_lists(tmp_path):
+    from cramming.cli import STAGES
+
+    assert {name for name, stage in STAGES.items() if stage.hydra} == {"data", "pretrain", "glue"}
+    listed = [line.split()[0] for line in cram("--help", cwd=tmp_path).stdout.split("stages:")[1].splitlines()
+              if line.startswith("  ")]
+    assert listed == list(STAGES)
+
+
 def test_no_stage_is_an_error(tmp_path):
     out = cram(cwd=tmp_path)
     assert out.returncode == 2 and "usage" in out.stdout

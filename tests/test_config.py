@@ -17,6 +17,7 @@ from cramming.config import (
     load_profile,
     parse_budget,
     resolve_gpu,
+    resolve_paths,
     to_dataclass,
 )
 from cramming.errors import ConfigError
@@ -143,7 +144,7 @@ def _group_dataclasses() -> dict:
     from cramming.data.prepare import DataConfig
     from cramming.glue import GlueConfig
     from cramming.model.bert import ModelConfig
-    from cramming.train.trainer import TrainConfig
+    from cramming.train.config import TrainConfig
 
     return {"gpu": GpuProfile, "arch": ModelConfig, "data": DataConfig, "train": TrainConfig, "glue": GlueConfig}
 
@@ -159,3 +160,29 @@ def test_every_shipped_config_composes_into_its_dataclass(group, option):
     node = resolve_gpu(cfg.gpu) if group == "gpu" else to_dataclass(_group_dataclasses()[group], cfg[group], group)
     assert node.name == (option if option != "auto" else node.name)
     OmegaConf.to_container(cfg, resolve=False)
+
+
+def test_resolve_paths_expands_home_in_configured_paths_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[
+            "paths.data_root='~/dc'", "paths.out_root='~/out'", "resume='~/out/pretrain/r'", "ckpt=random-init",
+            "glue.data_dir='~/glue'", "data=local", "data.local_paths=['~/corpus.txt']"])
+    resolved = resolve_paths(cfg)
+    assert resolved.paths.data_root == f"{tmp_path}/dc" and resolved.paths.out_root == f"{tmp_path}/out"
+    assert resolved.resume == f"{tmp_path}/out/pretrain/r" and resolved.glue.data_dir == f"{tmp_path}/glue"
+    assert resolved.ckpt == "random-init" and resolved.glue.tokenizer is None
+    # The data config is the prepared folder's cache key: left as written, in every stage alike.
+    assert list(resolved.data.local_paths) == ["~/corpus.txt"]
+    assert cfg.paths.data_root == "~/dc"  # a copy; the composed config is not changed
+
+
+def test_hydra_output_dirs_expand_home(tmp_path, monkeypatch):
+    # Hydra creates these folders before a stage runs: a `~` must not become a literal folder.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("CRAM_STAGE", "pretrain")  # names the stage's folder, as `cram pretrain` sets it
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["paths.out_root='~/out'", "run_name=r",
+                                                       "+experiment=lr-schedule"], return_hydra_config=True)
+    assert cfg.hydra.run.dir == f"{tmp_path}/out/pretrain/r"
+    assert cfg.hydra.sweep.dir.startswith(f"{tmp_path}/out/experiment/lr-schedule-")

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from cramming.config import GpuProfile
-from cramming.data import pack
+from cramming.data import order, pack
 from cramming.data.masking import IGNORE_INDEX, MLMMasker
 from cramming.data.prepare import DataConfig, prepare
 from cramming.data.shards import PackedDataset, build_loader, load_manifest
@@ -121,8 +121,13 @@ def test_full_sentences_default_is_unchanged(corpus, tmp_path: Path) -> None:
     arr = np.array(stream, dtype=np.uint32)
     packer.add(arr[:100], np.array([100]))
     packer.add(arr[100:])
-    packer.close()
-    assert np.fromfile(enc_rows, dtype=np.uint16).tolist() == stream[: n * L]
+    assert packer.close() == len(stream) - n * L and packer.rows == n
+    assert np.fromfile(enc_rows, dtype=np.uint16)[: n * L].tolist() == stream[: n * L]
+    # Reopened at a committed size (a resumed build), it continues exactly where that size ends.
+    resumed = pack.RowPacker(enc_rows, L, np.uint16, tokens=100)
+    resumed.add(arr[100:])
+    resumed.close()
+    assert np.fromfile(enc_rows, dtype=np.uint16).tolist() == stream
 
 
 def test_doc_packer_edge_cases(tmp_path: Path) -> None:
@@ -140,16 +145,17 @@ def test_doc_packer_edge_cases(tmp_path: Path) -> None:
         pack.DocRowPacker(tmp_path / "s.bin", 4, np.uint16, PAD).add(ids, lengths[:2])
 
 
-def test_prevalence_ignores_padding() -> None:
+def test_prevalence_ignores_padding(tmp_path: Path) -> None:
     rows = np.array([[5, 6, 0, 0, 0, 0], [5, 5, 5, 6, 6, 6], [6, 0, 0, 0, 0, 0]])
-    scores = pack.prevalence_scores(rows, 10, progress=False, pad_id=0)
+    scores = order.row_scores(rows, order.token_probabilities(rows, 10, pad_id=0), pad_id=0)
     p5, p6 = 4 / 9, 5 / 9  # 9 real tokens: four 5s, five 6s; pads are not counted
     assert scores == pytest.approx([(p5 + p6) / 2, (3 * p5 + 3 * p6) / 6, p6])
     # Without pad_id (full-sentences) the formula is the original one, pads counted like any token.
     counts = np.bincount(rows.ravel(), minlength=10)
-    assert pack.prevalence_scores(rows, 10, progress=False) == pytest.approx((counts / counts.sum())[rows].mean(1))
-    order = pack.order_rows(rows, np.arange(3), "prevalence", 10, 0, progress=False, pad_id=0)
-    assert order.tolist() == [2, 0, 1]  # by real tokens only; the tie keeps its order
+    assert order.row_scores(rows, order.token_probabilities(rows, 10)) == pytest.approx((counts / counts.sum())[rows].mean(1))
+    got = order.order_train(rows, np.zeros(0, np.int64), "prevalence", 10, 0, tmp_path / "o.bin", tmp_path,
+                            pad_id=0, progress=False)
+    assert got.tolist() == [2, 0, 1]  # by real tokens only; the tie keeps its order
 
 
 def test_doc_bounded_prevalence_sorting_is_monotone(corpus, tmp_path: Path) -> None:
@@ -230,9 +236,9 @@ def test_loader_adds_attention_mask_only_for_doc_bounded(doc_folder: Path, corpu
     full = PackedDataset(prepare(_cfg(corpus[0]), tmp_path))
     assert "attention_mask" not in next(build_loader(full, 8, masker, shuffle=False, seed=0))
     # The trainer hands the model only what its forward accepts: attention_mask is among them.
-    from cramming.train.trainer import _model_kwargs
+    from cramming.train.inputs import model_kwargs
 
-    assert "attention_mask" in _model_kwargs(_tiny_model(), batch, torch.device("cpu"))
+    assert "attention_mask" in model_kwargs(_tiny_model(), batch, torch.device("cpu"))
 
 
 def test_doc_bounded_static_masks_get_attention_mask(corpus, tmp_path: Path) -> None:
@@ -252,7 +258,8 @@ def test_config_validation() -> None:
 
 def test_tiny_pretrain_on_doc_bounded_data(tmp_path: Path) -> None:
     from cramming.model.bert import ModelConfig
-    from cramming.train.trainer import TrainConfig, pretrain
+    from cramming.train.config import TrainConfig
+    from cramming.train.loop import pretrain
 
     data = prepare(DataConfig(name="tinydoc", source="embedded", embedded_files=["moby_dick"], max_chars=100_000,
                               vocab_size=300, seq_len=L, val_fraction=0.05, compression_threshold=1.0,

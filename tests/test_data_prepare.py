@@ -22,9 +22,6 @@ from cramming.data.shards import PackedDataset, load_manifest
 from cramming.data.tokenizer import load_hf_tokenizer, load_tokenizer
 from cramming.errors import ConfigError, DataError
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-SAMPLE = SHARED / "data" / "corpus" / "sample.txt"
-
 
 def small(**kw) -> DataConfig:
     """A tiny embedded config (Austen paragraphs, ~300 KB) unless overridden."""
@@ -111,9 +108,8 @@ def test_rows_separated_by_sep_in_order(tmp_path: Path) -> None:
     assert load_manifest(folder)["counts"]["tokens_dropped_tail"] == len(stream) - n * 128
 
 
-@pytest.mark.skipif(not SAMPLE.is_file(), reason=f"{SAMPLE} not available")
-def test_compression_filter_drops_planted_documents(tmp_path: Path) -> None:
-    prose = [b for b in SAMPLE.read_text().split("\n\n") if b.strip()]
+def test_compression_filter_drops_planted_documents(tmp_path: Path, embedded_prose: list[str]) -> None:
+    prose = embedded_prose
     b64 = base64.b64encode(random.Random(1).randbytes(4000)).decode()
     html = "".join(f'<div class="c{i}"><a href="/p?id={i * 7919}&x=q{i}">k{i}</a></div>' for i in range(120))
     docs = prose[:200] + [b64] + prose[200:] + [html]
@@ -226,11 +222,10 @@ def test_empty_and_emptied_corpora(tmp_path: Path) -> None:
     assert not list((tmp_path / "o").iterdir()), "failed builds leave nothing behind"
 
 
-def test_non_utf8_skipped_or_strict(tmp_path: Path) -> None:
+def test_non_utf8_skipped_or_strict(tmp_path: Path, embedded_prose: list[str]) -> None:
     good = tmp_path / "c" / "good.txt"
     good.parent.mkdir()
-    text = SAMPLE.read_text() if SAMPLE.is_file() else ("the quick brown fox jumps over the lazy dog. " * 40 + "\n\n") * 60
-    good.write_text(text)
+    good.write_text("\n\n".join(embedded_prose) + "\n")
     (tmp_path / "c" / "bad.txt").write_bytes(b"fine first block\n\nbroken \xff\xfe block\n\nfine again\n")
     cfg = DataConfig(name="u", source="local", local_paths=[str(tmp_path / "c")], vocab_size=300,
                      compression_threshold=0.8)
@@ -290,9 +285,8 @@ def test_cli_writes_manifest_shards_tokenizer(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "too large" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_dedup_and_multiprocess_tokenization(tmp_path: Path) -> None:
-    text = SAMPLE.read_text() if SAMPLE.is_file() else "\n\n".join(f"paragraph {i} " + "words and more words. " * 30 for i in range(200))
-    blocks = [b for b in text.split("\n\n") if b.strip()]
+def test_dedup_and_multiprocess_tokenization(tmp_path: Path, embedded_prose: list[str]) -> None:
+    blocks = embedded_prose
     docs = blocks + blocks[:25] + [blocks[0].upper()]
     (tmp_path / "c.txt").write_text("\n\n".join(docs) + "\n")
     norm = build_normalizer()

@@ -116,6 +116,7 @@ def test_offline_hub_fails_fast_with_advice(monkeypatch: pytest.MonkeyPatch, tmp
     assert time.perf_counter() - start < 10
     msg = str(err.value)
     assert "allenai/c4" in msg and "offline" in msg and "data=local" in msg
+    assert not list(tmp_path.iterdir()), "a build that cannot start leaves nothing behind"
 
 
 def test_unreachable_hub_fails_with_advice(monkeypatch: pytest.MonkeyPatch) -> None:

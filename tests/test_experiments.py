@@ -1,4 +1,4 @@
-"""Experiment presets (cramming/configs/experiment/) and their runner (cramming/experiment.py).
+"""Experiment presets (configs/experiment/) and their runner (cramming/experiment.py).
 
 Every preset must compose with Hydra at both scales, expand into the intended sweep points, and
 every point must convert into the stages' typed configs without unknown keys. The runner's
@@ -23,7 +23,7 @@ from cramming.config import GpuProfile, resolve_gpu, to_dataclass
 from cramming.data.prepare import DataConfig
 from cramming.glue import GlueConfig
 from cramming.model.bert import ModelConfig
-from cramming.train.trainer import TrainConfig
+from cramming.train.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = experiment.available_presets()

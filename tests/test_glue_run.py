@@ -16,8 +16,10 @@ import pytest
 from cramming.cli import main as cram_main
 
 REPO = Path(__file__).resolve().parents[1]
-GLUE_DIR = REPO.parent / "shared" / "data" / "glue"
-LABELLED = GLUE_DIR.parent / "labelled"
+# RTE, MRPC and STS-B in the official GLUE layout: the subsets the project ships (real rows), so that
+# these tests run in any clone, not only where ../shared/data/glue is.
+GLUE_DIR = REPO / "cramming" / "assets" / "glue_demo"
+LABELLED = REPO.parent / "shared" / "data" / "labelled"
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
@@ -46,8 +48,6 @@ def one_thread():
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
     """A tiny pretraining export (random weights) with a WordPiece tokenizer trained on RTE/MRPC text."""
-    if not GLUE_DIR.is_dir():
-        pytest.skip(f"{GLUE_DIR} is absent (it exists in CI, not in a user's clone)")
     from cramming.model import ModelConfig, build_model, save_pretrained
 
     root = tmp_path_factory.mktemp("ckpt")

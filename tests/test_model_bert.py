@@ -18,7 +18,6 @@ from cramming.model.bert import (
     CrammedBertForSequenceClassification,
     ModelConfig,
     count_parameters,
-    finetuning_config,
     training_flops_per_sequence,
 )
 
@@ -314,10 +313,6 @@ def test_random_ltd_keeps_real_tokens_before_padding():
     for _ in range(200):
         seen[random_ltd.sample_indices(1, 16, 5, "cpu", real[2:3])[0]] += 1
     assert (seen[:9] > 0).all() and (seen[9:] == 0).all()  # uniform among the 9 real tokens
-
-
-def test_finetuning_config_sets_dropout():
-    assert finetuning_config(tiny()).dropout == 0.1
 
 
 def test_training_flops_counts_matmuls():

@@ -37,6 +37,15 @@ def make_tokenizer(path: Path, size: int) -> Path:
 CFG = ModelConfig(name="tiny", vocab_size=120, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_seq_len=32)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared CPU the threads fight."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def exported(tmp_path: Path) -> tuple[torch.nn.Module, Path]:
     torch.manual_seed(0)
@@ -152,3 +161,114 @@ def test_build_model_heads():
         build_model(CFG, "classification")
     with pytest.raises(ConfigError, match="mlm, classification"):
         build_model(CFG, "qa")
+
+
+def _targets(ids: torch.Tensor, fraction: float = 0.3) -> torch.Tensor:
+    """Labels [B, L]: the token id at about `fraction` of the positions (at least one per row), -100 elsewhere."""
+    g = torch.Generator().manual_seed(1)
+    chosen = torch.rand(ids.shape, generator=g) < fraction
+    chosen[:, 1] = True
+    return torch.where(chosen, ids, torch.full_like(ids, -100))
+
+
+def test_sparse_training_matches_dense_loss_and_gradients(exported):
+    from transformers import AutoModelForMaskedLM
+
+    _, out = exported
+    sparse = AutoModelForMaskedLM.from_pretrained(out).train()
+    dense = AutoModelForMaskedLM.from_pretrained(out, sparse_prediction=False).train()
+    assert sparse.config.sparse_prediction and not dense.config.sparse_prediction
+    ids = torch.randint(5, CFG.vocab_size, (3, 16))
+    mask = torch.ones_like(ids)
+    mask[2, 10:] = 0  # a padded row: pads are never targets
+    labels = _targets(ids).masked_fill(mask == 0, -100)
+    labels[1, 8:] = -100  # rows with different numbers of targets, as the collator makes them
+    got, want = sparse(input_ids=ids, attention_mask=mask, labels=labels), dense(input_ids=ids, attention_mask=mask, labels=labels)
+    targets = labels != -100
+    assert got.logits.shape == (int(targets.sum()), CFG.vocab_size) and want.logits.shape == (3, 16, CFG.vocab_size)
+    torch.testing.assert_close(got.logits, want.logits[targets])
+    torch.testing.assert_close(got.loss, want.loss)
+    got.loss.backward()
+    want.loss.backward()
+    grads = dict(dense.named_parameters())
+    for name, param in sparse.named_parameters():
+        torch.testing.assert_close(param.grad, grads[name].grad, msg=name)
+    # Trainer's gradient accumulation passes the step's target count: sum over this batch / that count.
+    halved = sparse(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=2 * int(targets.sum())).loss
+    torch.testing.assert_close(halved, got.loss / 2)
+    # Eval mode keeps dense logits (aligned with labels for compute_metrics) and the same loss.
+    with torch.no_grad():
+        evaluated = sparse.eval()(input_ids=ids, attention_mask=mask, labels=labels)
+    assert evaluated.logits.shape == (3, 16, CFG.vocab_size)
+    torch.testing.assert_close(evaluated.loss, want.loss.detach())
+
+
+def test_config_without_sparse_field_loads_sparse_and_hf_save_round_trips(exported, tmp_path):
+    from transformers import AutoModelForMaskedLM
+
+    _, out = exported
+    config = json.loads((out / "config.json").read_text())
+    assert config["sparse_prediction"] is True
+    del config["sparse_prediction"]  # as written before the field existed
+    (out / "config.json").write_text(json.dumps(config))
+    hf = AutoModelForMaskedLM.from_pretrained(out).train()
+    ids = torch.randint(5, CFG.vocab_size, (2, 12))
+    labels = _targets(ids)
+    assert hf.config.sparse_prediction and hf(input_ids=ids, labels=labels).logits.dim() == 2
+    hf.save_pretrained(tmp_path / "hf")  # transformers' own save, as Trainer checkpoints use
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["sparse_prediction"] is True
+    again = load_model(tmp_path / "hf")
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids)["logits"], hf.eval()(input_ids=ids).logits)
+
+
+SENTENCES = [
+    "the cat sat on the mat and she was at the door",
+    "he was in the garden with his dog as it rained",
+    "she said that it was a good day for a walk",
+    "the man and the woman went to the market by the sea",
+    "it is the end of the day and he is at home",
+    "her book was on the table with a cup of tea",
+    "a bird sang in the tree by the house at dawn",
+    "that is the way to the station on the left",
+]
+
+
+def test_trainer_continues_pretraining_on_the_sparse_path(exported, tmp_path):
+    """`transformers.Trainer` + `DataCollatorForLanguageModeling` on an export: the loss falls, the
+    head sees only the masked rows in training, and the result saves, reloads and fills masks."""
+    from transformers import (
+        AutoModelForMaskedLM,
+        DataCollatorForLanguageModeling,
+        Trainer,
+        TrainingArguments,
+        pipeline,
+    )
+
+    _, out = exported
+    tokenizer = load_tokenizer(out)
+    model = AutoModelForMaskedLM.from_pretrained(out)
+    head_inputs: list[int] = []
+    model.head.register_forward_hook(lambda module, args, output: head_inputs.append(args[0].dim()))
+    rows = [tokenizer(s, truncation=True, max_length=CFG.max_seq_len) for s in SENTENCES] * 8  # fewer epoch ends
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "trainer"), max_steps=20, per_device_train_batch_size=8, gradient_accumulation_steps=2,
+        learning_rate=1e-2, lr_scheduler_type="constant", logging_steps=1, report_to="none", save_strategy="no",
+        use_cpu=True, seed=0, disable_tqdm=True, dataloader_num_workers=0,
+    )
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.3, seed=0)
+    trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator, processing_class=tokenizer)
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 20
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.85 * first, losses  # the first steps are at chance, ln(120) = 4.79
+    assert head_inputs and set(head_inputs) == {2}  # [N, H] rows only: the sparse path
+    trainer.save_model(str(tmp_path / "continued"))
+    reloaded = load_model(tmp_path / "continued")
+    with torch.no_grad():
+        ids = torch.tensor([tokenizer(SENTENCES[0])["input_ids"]])
+        torch.testing.assert_close(reloaded(ids)["logits"], model.eval()(input_ids=ids).logits)
+    fill = pipeline("fill-mask", model=str(tmp_path / "continued"))
+    preds = fill("the cat sat on the [MASK]", top_k=2)
+    assert len(preds) == 2 and all(0 <= p["score"] <= 1 for p in preds)

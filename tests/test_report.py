@@ -12,6 +12,7 @@ import pytest
 
 from cramming import report
 from cramming.errors import CrammingError
+from cramming.runs import GLUE_COLUMNS
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -36,7 +37,7 @@ def make_pretrain_run(path: Path, *, hidden: int = 256, final_loss: float = 4.12
             "step": i, "elapsed_s": 15.0 * i, "progress": progress,
             "loss": final_loss + 5.0 * (1 - progress), "lr": 1e-3 * min(progress, 1 - progress) * 2,
             "batch_size": 8 * (1 + i // 10), "tokens_seen": tokens * i // steps, "tokens_per_s": 2000.0 + i,
-            "mfu": None, "skipped_steps": 0}))
+            "mfu": None, "skipped_steps": 0, "epochs": 1.25 * i / steps}))
         if i % 20 == 0:
             lines.append(json.dumps({"event": "eval", "step": i, "elapsed_s": 15.0 * i + 1, "progress": progress,
                                      "val_loss": final_loss + 0.3 + 4.0 * (1 - progress)}))
@@ -46,7 +47,7 @@ def make_pretrain_run(path: Path, *, hidden: int = 256, final_loss: float = 4.12
         (path / "summary.json").write_text(json.dumps({
             "budget_s": 600.0, "elapsed_s": 603.5, "steps": steps, "tokens_seen": tokens, "final_loss": final_loss,
             "val_loss": final_loss + 0.3, "tokens_per_s": 20456.7, "mfu": None, "device": "cpu",
-            "gpu_profile": "cpu", "precision": "fp32", "compile": "eager", "skipped_steps": 0}))
+            "gpu_profile": "cpu", "precision": "fp32", "compile": "eager", "skipped_steps": 0, "epochs": 2.5}))
     return path
 
 
@@ -65,7 +66,7 @@ def make_glue_run(path: Path, ckpt: Path | None = None, *, rte: float = 55.2, tr
         "cola": task({"mcc": [10.0, 12.5, 11.0], "accuracy": [69.0, 70.0, 69.5]}, ["mcc"], 8551, 1043),
         "rte": task({"accuracy": [rte - 1, rte, rte + 1]}, ["accuracy"], train_rows, 277),
     }
-    columns = {c: None for c, _, _ in report.GLUE_COLUMNS}
+    columns = {c: None for c, _, _ in GLUE_COLUMNS}
     columns.update({"SST-2": 80.1, "CoLA": 11.0, "RTE": rte})
     results = {
         "format_version": 1, "status": "complete",
@@ -90,7 +91,7 @@ def test_single_pretrain_run_report(tmp_path, capsys):
     assert report.main([str(run)]) == 0
     md = (run / "report.md").read_text()
     # Values formatted into the tables.
-    assert "12,345,678 (12.3M)" in md  # tokens seen
+    assert "12,345,678 (12.3M) | 2.50 |" in md  # tokens seen, then epochs (rows drawn / rows of one pass)
     assert "4.1234" in md and "4.4234" in md  # final and held-out MLM loss
     assert "20,457" in md  # tokens/s from summary.json
     assert "n/a (CPU)" in md  # MFU is null on CPU
@@ -103,7 +104,7 @@ def test_single_pretrain_run_report(tmp_path, capsys):
         assert _png_ok(run / png), png
         assert f"]({png})" in md
     out = capsys.readouterr().out
-    assert f"report: {(run / 'report.md').resolve()}" in out and "tokens 12,345,678" in out
+    assert f"report: {(run / 'report.md').resolve()}" in out and "tokens 12,345,678" in out and "epochs 2.50" in out
 
 
 def test_demo_folder_with_pretrain_and_glue(tmp_path):
@@ -147,7 +148,7 @@ def test_comparison_of_two_runs(tmp_path, capsys):
     md = (out / "report.md").read_text()
     assert md.startswith("# Cramming report: hidden-size")
     rows = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| a ") or line.startswith("| b ")}
-    assert "3.5000" in rows["a"] and "1,000,000 (1.0M)" in rows["a"] and "| n/a |" in rows["a"]
+    assert "3.5000" in rows["a"] and "1,000,000 (1.0M) | 2.50 |" in rows["a"] and "| n/a |" in rows["a"]
     assert "2.7500" in rows["b"] and "2,000,000 (2.0M)" in rows["b"] and "50.4 (partial)" in rows["b"]
     # The ablated key is listed with both values; identical keys are not.
     assert "| arch.hidden_size | 256 | 512 |" in md and "arch.num_layers" not in md
@@ -198,6 +199,7 @@ def test_stats_fall_back_to_metrics_and_tolerate_missing_fields(tmp_path):
     run = make_pretrain_run(tmp_path / "r", summary=False)
     stats = report.pretrain_stats(report.read_pretrain(run))
     assert stats["steps"] == 40 and stats["budget_s"] == 600.0 and not stats["complete"]
+    assert stats["epochs"] == 1.25  # the last record's
     assert math.isclose(stats["budget_used"], 600.0 / 600.0)
     assert report.fmt_tokens(None) == "n/a" and report.fmt_mfu(0.4123) == "41.2%"
     assert report.fmt_duration(3725) == "1h 02m 05s"
@@ -231,3 +233,23 @@ def test_cli_prints_error_without_traceback_and_runs_headless(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "report:" in done.stdout and _png_ok(run / "loss_vs_time.png")
 
+
+
+def test_glue_tables_rendered_from_results(tmp_path):
+    run = make_glue_run(tmp_path / "g", ckpt=tmp_path / "outputs" / "pretrain" / "run7" / "final")
+    results = json.loads((run / "results.json").read_text())
+    results["config"]["max_train_examples"] = 64
+    results["tasks"]["cola"].update(custom=True)
+    results["tasks"]["cola"]["trials"][0]["notes"] = ["constant predictions: MCC is 0.0"]
+    (run / "results.json").write_text(json.dumps(results))
+    md = report.write_glue_tables(run).read_text()
+    assert md == (run / "results.md").read_text() and md.startswith("# GLUE dev results\n")
+    assert "| measured: run7/final |  |  |  |  | 80.1 | 11.0 |  |  | 55.2 |  |" in md
+    assert md.count("| published: ") == 3
+    assert "| 84.1 | 84.6 | 87.5 | 90.2 | 92.0 | 53.3 | 87.4 | 88.9 | 58.5 | 80.7 |" in md
+    assert "- SUBSAMPLED: at most 64 train / all dev examples per task" in md
+    assert "mean of the columns that ran: 48.8" in md
+    assert "### cola (custom): headline mcc" in md and "| 1 | 0 | 10.00 | 69.00 |" in md
+    assert "| median |  | 11.00 | 69.50 |" in md and "Notes: constant predictions: MCC is 0.0" in md
+    # Fields a hand-made results file lacks are shown as n/a, not a traceback.
+    assert "No task results yet." in report.glue_markdown({"tasks": {}})

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+REPO = Path(__file__).resolve().parents[1]
 DATA = ["data.embedded_files=[moby_dick]", "data.max_chars=200000", "data.vocab_size=300", "data.seq_len=32",
         "data.compression_threshold=1.0"]
 GPU = ["gpu=cpu", "gpu.micro_batch_size=16", "gpu.target_batch_size=64", "arch=tiny"]
@@ -26,17 +27,105 @@ def _cram(args: list[str], cwd: Path, **kw) -> subprocess.Popen:
 
 
 def test_missing_data_names_the_command(tmp_path) -> None:
-    proc = _cram(["pretrain", *GPU, *DATA, f"paths.data_root={tmp_path}/data", f"paths.out_root={tmp_path}/out"], tmp_path)
+    proc = _cram(["pretrain", *GPU, *DATA, f"paths.data_root={tmp_path}/data", f"paths.out_root={tmp_path}/out",
+                  "train.prepare_data=false"], tmp_path)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 2, out
     assert "is not prepared" in out and "cram data data=embedded data.embedded_files=[moby_dick]" in out
+    assert "drop train.prepare_data=false" in out
     assert "Traceback" not in out
+    assert not (tmp_path / "data").exists()  # nothing was prepared
+
+
+def test_train_stage_does_not_build_data() -> None:
+    # Preparing missing data is the CLI's orchestration (cramming.pipeline); the train stage only reads it.
+    code = "import sys, cramming.train.trainer; print('cramming.data.prepare' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr
+
+
+# A few optimizer steps: these tests are about what happens around training, not training itself.
+SHORT = ["train.budget_kind=steps", "train.budget_steps=3", "train.eval_batches=2", "gpu.num_workers=0"]
+
+
+def _cram_here(args: list[str], monkeypatch) -> int:
+    """`cram ...` in this process (the same Hydra application the console script runs)."""
+    from cramming.cli import main
+
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    monkeypatch.delenv("CRAM_STAGE", raising=False)  # restored after the test; the CLI sets it
+    monkeypatch.setenv("CRAMMING_NO_PROGRESS", "1")
+    try:
+        main(args)
+    except SystemExit as stop:
+        return int(stop.code or 0)
+    return 0
+
+
+def test_pretrain_prepares_missing_data_once_and_outside_the_budget(tmp_path, monkeypatch) -> None:
+    from cramming.data import prepare as prepare_module
+    from cramming.train import loop
+
+    events: list[tuple[str, float]] = []
+    real_prepare = prepare_module.prepare
+
+    def recording_prepare(*args, **kwargs):
+        folder = real_prepare(*args, **kwargs)
+        events.append(("prepared", time.monotonic()))
+        return folder
+
+    class RecordingBudget(loop.Budget):
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            events.append(("budget clock starts", self._start))
+
+    monkeypatch.setattr(prepare_module, "prepare", recording_prepare)
+    monkeypatch.setattr(loop, "Budget", RecordingBudget)
+    common = ["pretrain", *GPU, *DATA, *SHORT, f"paths.data_root={tmp_path}/data", f"paths.out_root={tmp_path}/out"]
+    assert _cram_here([*common, "run_name=first"], monkeypatch) == 0
+    # Prepared (the default), then trained; the budget's clock started only after preparation ended.
+    assert [name for name, _ in events] == ["prepared", "budget clock starts"]
+    assert events[1][1] >= events[0][1]
+    run = tmp_path / "out" / "pretrain" / "first"
+    assert json.loads((run / "summary.json").read_text())["steps"] == 3
+    assert len(list((tmp_path / "data").glob("*/manifest.json"))) == 1
+    assert "preparing it now, outside the budget" in (run / "pretrain.log").read_text()
+    # The next run finds the prepared folder and trains at once.
+    events.clear()
+    assert _cram_here([*common, "run_name=second"], monkeypatch) == 0
+    assert [name for name, _ in events] == ["budget clock starts"]
+    assert "preparing" not in (tmp_path / "out" / "pretrain" / "second" / "pretrain.log").read_text()
+
+
+def test_tilde_paths_mean_home_in_every_stage(tmp_path, monkeypatch) -> None:
+    from cramming.report import main as report_main
+
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    (home / "glue").symlink_to(REPO / "cramming" / "assets" / "glue_demo")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    # Quoted for Hydra's override grammar, as in a shell: cram data "paths.data_root='~/dc'".
+    paths = ["paths.data_root='~/dc'", "paths.out_root='~/out'", "run_name=r"]
+    assert _cram_here(["data", *DATA, *paths], monkeypatch) == 0
+    # No preparation allowed: pretrain must find what `cram data` wrote under $HOME/dc.
+    assert _cram_here(["pretrain", *GPU, *DATA, *SHORT, *paths, "train.prepare_data=false"], monkeypatch) == 0
+    run = home / "out" / "pretrain" / "r"
+    assert (run / "final" / "model.safetensors").is_file()
+    assert _cram_here(["glue", "gpu=cpu", *paths, "ckpt='~/out/pretrain/r/final'", "glue.data_dir='~/glue'",
+                       "glue.tasks=[rte]", "glue.trials=1", "glue.epochs=1", "glue.max_train_examples=16",
+                       "glue.max_eval_examples=16"], monkeypatch) == 0
+    assert (home / "out" / "glue" / "r" / "results.json").is_file()
+    assert report_main(["~/out/pretrain/r"]) == 0 and (run / "report.md").is_file()
+    assert list((home / "dc").glob("*/manifest.json"))
+    assert not any(p.name == "~" for p in tmp_path.rglob("*")), "a literal ~ folder was created"
 
 
 @pytest.mark.slow
 def test_cli_sigterm_then_resume(tmp_path) -> None:
     common = [*GPU, *DATA, f"paths.data_root={tmp_path}/data", f"paths.out_root={tmp_path}/out", "run_name=r",
-              "train.log_interval=1", "train.prepare_data=true"]
+              "train.log_interval=1"]
     run_dir = tmp_path / "out" / "pretrain" / "r"
     proc = _cram(["pretrain", "budget=40s", *common], tmp_path)
     deadline = time.monotonic() + 120

@@ -20,8 +20,11 @@ import torch
 
 from cramming.config import GpuProfile
 from cramming.errors import CrammingError
-from cramming.train.checkpoint import RunLock, latest_checkpoint
-from cramming.train.trainer import NAN_STEPS_ENV, Interrupted, RandomLTDConfig, TrainConfig, pretrain
+from cramming.faults import NAN_STEPS_ENV
+from cramming.runs import RunLock
+from cramming.train.checkpoint import latest_checkpoint
+from cramming.train.config import RandomLTDConfig, TrainConfig
+from cramming.train.loop import Interrupted, pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,12 +61,13 @@ def records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_time_budget_run_ends_in_budget_with_export_and_falling_loss(data_dir, tmp_path) -> None:
+def test_time_budget_run_ends_in_budget_with_export_and_falling_loss(data_dir, tmp_path, caplog) -> None:
     from cramming.model.export import load_model
 
     budget = 12.0
     start = time.monotonic()
-    final = pretrain(train_cfg(lr=5e-3), tiny_arch(), GPU, data_dir, tmp_path, budget_s=budget, seed=0)
+    with caplog.at_level("WARNING", logger="cramming.train"):
+        final = pretrain(train_cfg(lr=5e-3), tiny_arch(), GPU, data_dir, tmp_path, budget_s=budget, seed=0)
     wall = time.monotonic() - start
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["elapsed_s"] <= budget + 1.0, summary  # overrun within a second
@@ -82,9 +86,10 @@ def test_time_budget_run_ends_in_budget_with_export_and_falling_loss(data_dir, t
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.1
     assert train[-1]["batch_size"] == 64 and train[0]["batch_size"] < 64  # the ramp ran to the target
     # The LR is the one-cycle schedule of progress, and the run went well past the peak.
-    from cramming.train.schedules import lr_factor
+    from cramming.optim.schedules import lr_factor
 
-    assert all(r["lr"] == pytest.approx(5e-3 * lr_factor(r["progress"], "one-cycle", 0.5), rel=1e-4, abs=1e-9) for r in train)
+    # Each record holds the progress its step's LR was computed from (unrounded), so they agree exactly.
+    assert all(r["lr"] == 5e-3 * lr_factor(r["progress"], "one-cycle", 0.5) for r in train)
     assert train[-1]["progress"] > 0.6 and max(r["lr"] for r in train) <= 5e-3
     assert (tmp_path / "loss.png").stat().st_size > 1000
     model = load_model(final)
@@ -92,11 +97,23 @@ def test_time_budget_run_ends_in_budget_with_export_and_falling_loss(data_dir, t
     assert json.loads((final / "config.json").read_text())["cramming_training"]["steps"] == summary["steps"]
     assert sum(p.numel() for p in model.parameters()) > 0
     assert not (tmp_path / ".lock").exists()
+    # The tiny corpus (a few thousand rows) is read many times over in 12 s: said once, early, from the
+    # measured throughput, and counted as epochs in the records and the summary.
+    revisits = [r.getMessage() for r in caplog.records if "will revisit its data" in r.getMessage()]
+    assert len(revisits) == 1 and "at the measured" in revisits[0], revisits
+    assert summary["epochs"] > 1 and train[-1]["epochs"] == summary["epochs"]
+    assert summary["rows_drawn"] == summary["tokens_seen"] // 32
 
 
 def test_step_and_token_budgets(data_dir, tmp_path) -> None:
+    from cramming.optim.schedules import lr_factor
+
     pretrain(train_cfg(budget_kind="steps", budget_steps=7), tiny_arch(), GPU, data_dir, tmp_path / "s")
     assert json.loads((tmp_path / "s" / "summary.json").read_text())["steps"] == 7
+    # Step n runs at progress (n - 1) / 7, which no rounding keeps: the record holds the exact value.
+    train = [r for r in records(tmp_path / "s") if r.get("event") != "eval"]
+    assert [r["progress"] for r in train] == [(r["step"] - 1) / 7 for r in train]
+    assert all(r["lr"] == 1e-3 * lr_factor(r["progress"], "one-cycle", 0.5) for r in train)
     pretrain(train_cfg(budget_kind="tokens", budget_tokens=10_000, ramp_fraction=0.0), tiny_arch(), GPU, data_dir,
              tmp_path / "t")
     summary = json.loads((tmp_path / "t" / "summary.json").read_text())
@@ -274,7 +291,7 @@ def test_progress_bar_counts_time_left_between_log_steps(data_dir, tmp_path, cap
 
 
 def test_budget_smaller_than_setup_warns_and_skips_the_repeated_eval(data_dir, tmp_path, caplog) -> None:
-    with caplog.at_level("WARNING", logger="cramming.train.trainer"):
+    with caplog.at_level("WARNING", logger="cramming.train"):
         pretrain(train_cfg(), tiny_arch(), GPU, data_dir, tmp_path, budget_s=0.2)
     assert any("budget is spent before the first step" in r.getMessage() for r in caplog.records)
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -282,3 +299,72 @@ def test_budget_smaller_than_setup_warns_and_skips_the_repeated_eval(data_dir, t
     # No step taken: the start-of-run held-out loss is the final one, measured once.
     assert summary["steps"] == 0 and len(evals) == 1 and summary["val_loss"] == evals[0]["val_loss"]
     assert (tmp_path / "final" / "model.safetensors").is_file()
+
+
+def test_final_phase_reuses_an_interval_eval_of_the_last_step(data_dir, tmp_path) -> None:
+    # An interval this short evaluates after every step, the last one included: the final phase
+    # must reuse that loss instead of evaluating the same weights again inside the reserve.
+    pretrain(train_cfg(budget_kind="steps", budget_steps=3, eval_interval_minutes=1e-9), tiny_arch(), GPU, data_dir,
+             tmp_path)
+    evals = [r for r in records(tmp_path) if r.get("event") == "eval"]
+    assert [r["step"] for r in evals] == [0, 1, 2, 3]
+    assert json.loads((tmp_path / "summary.json").read_text())["val_loss"] == evals[-1]["val_loss"]
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory) -> Path:
+    """About 180 training rows of 32 tokens: a few optimizer steps of 64 rows read them all."""
+    from cramming.data.prepare import DataConfig, prepare
+
+    cfg = DataConfig(name="small", source="embedded", embedded_files=["moby_dick"], max_chars=20_000,
+                     vocab_size=300, seq_len=32, val_fraction=0.1, compression_threshold=1.0)
+    return prepare(cfg, tmp_path_factory.mktemp("small"))
+
+
+def _revisit_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "will revisit its data" in r.getMessage()]
+
+
+def test_epochs_count_the_wrap_around_and_a_step_budget_warns_before_training(small_data, tmp_path, caplog) -> None:
+    from cramming.data.shards import PackedDataset
+
+    rows = len(PackedDataset(small_data, "train")) // 16 * 16  # whole micro-batches of 16 per pass
+    with caplog.at_level("WARNING", logger="cramming.train"):
+        pretrain(train_cfg(budget_kind="steps", budget_steps=8, ramp_fraction=0.0), tiny_arch(), GPU, small_data,
+                 tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["rows_drawn"] == 8 * 64 and summary["rows_per_epoch"] == rows
+    assert summary["epochs"] == pytest.approx(8 * 64 / rows) and summary["epochs"] > 1
+    train = [r for r in records(tmp_path) if r.get("event") != "eval"]
+    assert [r["epochs"] for r in train] == pytest.approx([r["tokens_seen"] / (rows * 32) for r in train])
+    [warning] = _revisit_warnings(caplog)
+    # Before the first step: the budget's own numbers, against one pass of the data.
+    assert "this steps budget" in warning and "16,384 tokens (512 rows of 32)" in warning
+    assert f"({rows:,} rows)" in warning and f"{8 * 64 / rows:.1f} epochs" in warning
+
+
+def test_no_revisit_warning_when_the_budget_fits_in_one_pass(small_data, tmp_path, caplog) -> None:
+    with caplog.at_level("WARNING", logger="cramming.train"):
+        pretrain(train_cfg(budget_kind="tokens", budget_tokens=2 * 64 * 32, ramp_fraction=0.0), tiny_arch(), GPU,
+                 small_data, tmp_path)
+    assert _revisit_warnings(caplog) == []
+    assert json.loads((tmp_path / "summary.json").read_text())["epochs"] < 1
+
+
+@pytest.mark.parametrize(("pass_rows", "warns"), [(6_000, False), (1_000, True)])
+def test_time_budget_projection_from_the_first_steps(pass_rows, warns, caplog) -> None:
+    from cramming.train.budget import Budget
+    from cramming.train.inputs import DataPasses
+
+    now = [0.0]
+    budget = Budget("time", 100.0, margin_s=0.0, clock=lambda: now[0])
+    passes = DataPasses(pass_rows, micro=10, world_size=1, seq_len=100, enabled=True)
+    with caplog.at_level("WARNING", logger="cramming.train"):
+        passes.observe(budget, tokens=1_000, elapsed=1.0, logged=True)  # first step: the baseline only
+        passes.observe(budget, tokens=2_000, elapsed=2.0, logged=False)  # not a record: undecided
+        assert not passes.checked
+        passes.observe(budget, tokens=6_000, elapsed=5.0, logged=True)  # 1,250 tokens/s over 4 s
+    # 6,000 + 1,250 x 95 s = 124,750 tokens = 1,247.5 rows of 100, against one pass of `pass_rows`.
+    assert passes.checked and bool(_revisit_warnings(caplog)) is warns
+    if warns:
+        assert "1,250 tokens/s" in caplog.text and "124,750 tokens (1,248 rows of 100)" in caplog.text

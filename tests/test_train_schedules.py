@@ -1,21 +1,19 @@
-"""Schedules, the budget clock, checkpoints and the run lock: pure and fast."""
+"""Schedules, the budget clock and checkpoints: pure and fast (the run lock: tests/test_runs.py)."""
 
 from __future__ import annotations
 
 import json
 import os
 import pickle
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from cramming.errors import CheckpointError, ConfigError, CrammingError
-from cramming.train import schedules
+from cramming.errors import CheckpointError, ConfigError
+from cramming.optim import schedules
 from cramming.train.budget import Budget
-from cramming.train.checkpoint import RunLock, latest_checkpoint, load_checkpoint, save_checkpoint
-from cramming.train.trainer import RandomLTDConfig, TrainConfig, build_optimizer
+from cramming.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from cramming.train.config import RandomLTDConfig, TrainConfig
 
 # --- learning rate ------------------------------------------------------------------------------
 
@@ -50,6 +48,46 @@ def test_constant_schedule_and_no_warmup() -> None:
     assert schedules.lr_factor(0.0, "linear", 0.0) == 1.0
     with pytest.raises(ValueError):
         schedules.lr_factor(0.5, "triangle", 0.5)
+
+
+def test_schedule_names_are_the_literal_choices() -> None:
+    import typing
+
+    assert tuple(schedules.LR_SCHEDULES) == typing.get_args(schedules.LrSchedule)
+
+
+@pytest.mark.parametrize(("factor", "reference"), [(schedules.warmup_cosine, "get_cosine_schedule_with_warmup"),
+                                                   (schedules.one_cycle, "get_linear_schedule_with_warmup"),
+                                                   (schedules.warmup_constant, "get_constant_schedule_with_warmup")])
+@pytest.mark.parametrize(("warmup", "total"), [(0, 1), (0, 50), (3, 50), (6, 100), (25, 50), (17, 1234)])
+def test_per_step_schedules_match_transformers(factor, reference: str, warmup: int, total: int) -> None:
+    import functools
+
+    import transformers
+
+    # As GLUE steps them: the factor at step s is schedule(s / total), the warmup a fraction of the steps.
+    opt_theirs, opt_mine = (torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0) for _ in range(2))
+    args = (warmup, total) if reference != "get_constant_schedule_with_warmup" else (warmup,)
+    theirs = getattr(transformers, reference)(opt_theirs, *args)
+    mine = schedules.lambda_lr(opt_mine, functools.partial(factor, warmup_fraction=warmup / total), total)
+    for step in range(total + 1):  # GLUE steps the scheduler once per optimizer step, `total` times
+        assert mine.get_last_lr()[0] == pytest.approx(theirs.get_last_lr()[0], rel=1e-12, abs=1e-15), step
+        for optimizer, scheduler in ((opt_theirs, theirs), (opt_mine, mine)):
+            optimizer.step()
+            scheduler.step()
+
+
+def test_lambda_lr_scales_the_peak_by_the_factor_of_progress() -> None:
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    scheduler = schedules.lambda_lr(optimizer, lambda p: 1.0 - p, 4)
+    seen = []
+    for _ in range(5):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert seen == pytest.approx([0.1, 0.075, 0.05, 0.025, 0.0])
+    with pytest.raises(ValueError, match="total_steps"):
+        schedules.lambda_lr(optimizer, lambda p: 1.0, 0)
 
 
 # --- batch ramp -----------------------------------------------------------------------------------
@@ -158,6 +196,8 @@ def test_train_config_validation() -> None:
         TrainConfig(lr_schedule="triangle")
     with pytest.raises(ConfigError, match="budget_tokens"):
         TrainConfig(budget_kind="tokens")
+    with pytest.raises(ConfigError, match="budget_kind must be one of time, tokens, steps, got 'epochs'"):
+        TrainConfig(budget_kind="epochs")
     with pytest.raises(ConfigError, match="full_at_fraction"):
         RandomLTDConfig(full_at_fraction=0.0)
 
@@ -178,22 +218,6 @@ def test_shipped_train_configs_convert() -> None:
     assert (bert.lr, bert.betas, bert.eps, bert.grad_clip, bert.lr_schedule) == (1e-4, (0.9, 0.999), 1e-6, 1.0, "linear")
     assert bert.target_batch_size == 256 and bert.ramp_fraction == 0 and bert.mask_rate == 0.15
     assert ltd.random_ltd.enabled and ltd.random_ltd.layer_token_lr and not cram.random_ltd.enabled
-
-
-def test_weight_decay_groups() -> None:
-    from cramming.model.bert import CrammedBertForMLM, ModelConfig
-
-    model = CrammedBertForMLM(ModelConfig(vocab_size=100, hidden_size=32, num_layers=2, num_heads=2,
-                                          intermediate_size=64, max_seq_len=16))
-    opt = build_optimizer(model, TrainConfig(), torch.device("cpu"))
-    decay, no_decay = opt.param_groups
-    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
-    emb = model.bert.embeddings.word_embeddings.weight
-    assert any(p is emb for p in no_decay["params"]) and all(p.ndim == 2 for p in decay["params"])
-    assert all(p.ndim < 2 or p is emb for p in no_decay["params"])
-    assert opt.defaults["eps"] == 1e-12 and opt.defaults["betas"] == (0.9, 0.98)
-    everything = build_optimizer(model, TrainConfig(decay_norms_biases_embeddings=True), torch.device("cpu"))
-    assert len(everything.param_groups[1]["params"]) == 0
 
 
 # --- checkpoints and lock -------------------------------------------------------------------------
@@ -260,21 +284,3 @@ def test_partial_checkpoint_is_never_taken(tmp_path) -> None:
     (tmp_path / "checkpoints" / "step-00000003").mkdir()
     (tmp_path / "checkpoints" / "latest.json").unlink()
     assert latest_checkpoint(tmp_path).name == "step-00000001"
-
-
-def test_lock_refuses_second_owner_and_takes_over_stale(tmp_path) -> None:
-    # A live process (a sleeping child) holds the lock: we must refuse.
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
-    try:
-        import socket
-
-        (tmp_path / ".lock").write_text(json.dumps({"pid": child.pid, "host": socket.gethostname()}))
-        with pytest.raises(CrammingError, match=f"in use by another run \\(pid {child.pid}\\)"):
-            RunLock(tmp_path).acquire()
-    finally:
-        child.kill()
-        child.wait()
-    # Now its owner is dead: the stale lock is taken over.
-    with RunLock(tmp_path) as lock:
-        assert json.loads(lock.path.read_text())["pid"] == os.getpid()
-    assert not (tmp_path / ".lock").exists()

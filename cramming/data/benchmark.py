@@ -8,6 +8,7 @@ RSS (`VmHWM` of /proc/self/status; `ru_maxrss` elsewhere). Tokenizer training is
 timed for either side. Also measured: loader + dynamic masking throughput of `build_loader`.
 
 Usage: python scripts/bench_data.py [--max-chars N] [--vocab-size 8192] [--workers 2] [--out f.json]
+       python scripts/bench_data.py --scale 1,4,16 [...]   (the scale benchmark: cramming/data/scale_bench.py)
 """
 
 from __future__ import annotations
@@ -114,8 +115,16 @@ def _loader_throughput(folder: Path, micro_batch: int, workers: int, batches: in
 
 
 def main(argv: list[str]) -> int:
-    """Run the benchmark; prints a markdown table, writes JSON with --out. Returns an exit code."""
-    p = argparse.ArgumentParser(prog="cram bench data", description=__doc__.split("\n\n")[0])
+    """Run the benchmark; prints a markdown table, writes JSON with --out. Returns an exit code.
+
+    With `--scale 1,4,16` it runs the scale benchmark instead (`cramming/data/scale_bench.py`).
+    """
+    if any(a == "--scale" or a.startswith("--scale=") for a in argv):
+        from cramming.data.scale_bench import main as scale_main
+
+        return scale_main(argv)
+    p = argparse.ArgumentParser(prog="cram bench data", description=__doc__.split("\n\n")[0],
+                                epilog="cram bench data --scale 1,4,16 --help: the scale benchmark's options")
     p.add_argument("--max-chars", type=int, default=None, help="use only the first N characters of the corpus")
     p.add_argument("--files", nargs="*", default=[], help="embedded file stems to use (default: all)")
     p.add_argument("--vocab-size", type=int, default=8192)

@@ -17,11 +17,18 @@ class ExactDeduplicator:
         self._seen: set[int] = set()
         self.duplicates = 0
 
-    def is_new(self, text: str) -> bool:
-        """True the first time a text is seen; counts repeats in `duplicates`."""
-        digest = int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
-        if digest in self._seen:
+    def is_new(self, data: bytes) -> bool:
+        """True the first time a document (its UTF-8 bytes) is seen; counts repeats in `duplicates`."""
+        if not self.remember(data):
             self.duplicates += 1
+            return False
+        return True
+
+    def remember(self, data: bytes) -> bool:
+        """Record a document as seen without counting it; False if it already was (a resumed build
+        re-reads the documents it kept before)."""
+        digest = int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+        if digest in self._seen:
             return False
         self._seen.add(digest)
         return True

@@ -2,6 +2,8 @@
 
 Built from `tokenizers.normalizers` so that exactly the same normaliser runs when the corpus is
 prepared and inside the saved `tokenizer.json` (GLUE text is normalised the same way).
+`TextNormalizer` is what `cram data` calls per document: the same normaliser with a shortcut for
+pure-ASCII text, where every step but Lowercase is the identity.
 """
 
 from __future__ import annotations
@@ -32,3 +34,22 @@ def normalize_text(normalizer: normalizers.Normalizer | None, text: str) -> str:
     if normalizer is not None:
         text = normalizer.normalize_str(text)
     return text.strip()
+
+
+class TextNormalizer:
+    """`normalize_text` with the normaliser of the given flags, about 50x faster on ASCII text.
+
+    ASCII text has no decompositions, no combining marks and nothing non-ASCII, so NFD,
+    StripAccents and the ASCII filter leave it unchanged and Lowercase is `str.lower` (identical
+    for ASCII); most English documents take this path. Any other text goes through the
+    `tokenizers` normaliser, whose per-character alignment tracking costs ~5 MB/s.
+    """
+
+    def __init__(self, lowercase: bool = True, strip_accents: bool = True, ascii_only: bool = True) -> None:
+        self.lowercase = lowercase
+        self.normalizer = build_normalizer(lowercase, strip_accents, ascii_only)
+
+    def __call__(self, text: str) -> str:
+        if text.isascii():
+            return (text.lower() if self.lowercase else text).strip()
+        return normalize_text(self.normalizer, text)

@@ -1,30 +1,39 @@
 """`cram data`: raw text -> normalised, deduplicated, filtered, tokenized, packed, ordered shards.
 
 `prepare(data_cfg, data_root)` is cached by the hash of the resolved data config: the output folder
-`<data_root>/<name>-<hash>/` is built under a temporary name (`...tmp-<pid>`) and renamed into
-place only once its manifest is written, so an interrupted run leaves no folder that looks
-finished; the next run removes stale temporary folders and starts again.
+`<data_root>/<name>-<hash>/` is built in `<name>-<hash>.partial/` and renamed into place only once
+its manifest is written, so no folder looks finished before it is. The build runs in phases
+(spool, tokenizer, encode, order, shards; see `workdir.py`), each committing its progress after
+every unit of work: a killed build is continued by the same command from its last committed unit,
+and the result equals an uninterrupted build row for row. Concurrent builds of one config wait for
+each other (`workdir.BuildLock`), so several runs of a sweep that start together prepare it once.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import json
 import logging
-import math
 import os
 import shutil
 import time
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from cramming.config import config_hash, fault_point, to_dataclass
+from cramming.config import config_hash, resolve_paths, to_dataclass
+from cramming.data.parallel import resolve_num_proc
 from cramming.data.sources import HubSource
 from cramming.data.tokenizer import TOKENIZER_KINDS
-from cramming.errors import ConfigError, DataError
+from cramming.errors import ConfigError, CrammingError, DataError
+from cramming.faults import fault_point
+
+if TYPE_CHECKING:
+    from cramming.data.workdir import WorkDir
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +124,9 @@ class DataConfig:
     """Static masks with exactly round(rate * seq_len) targets per row."""
 
     # --- execution ----------------------------------------------------------------------------
-    num_proc: int = 1
-    """Tokenizer processes. 1 already uses all cores through the tokenizers thread pool."""
+    num_proc: int = 0
+    """Worker processes for normalising and encoding; 0 = the cores available to this process. With 1,
+    the tokenizers thread pool still encodes on all cores; tokenizer training always does."""
     batch_docs: int = 1000
     """Documents per encode_batch call / per task sent to a worker."""
     seed: int = 0
@@ -167,8 +177,8 @@ class DataConfig:
             raise bad(f"static_masking_copies={self.static_masking_copies} must be >= 0")
         if not 0 < self.static_mask_rate < 1:
             raise bad(f"static_mask_rate={self.static_mask_rate} must be in (0, 1)")
-        if self.num_proc < 1:
-            self.num_proc = os.cpu_count() or 1  # num_proc <= 0 means "all cores"
+        if self.num_proc < 0:
+            raise bad(f"num_proc={self.num_proc} must be >= 1, or 0 for the cores available")
         if self.batch_docs < 1:
             raise bad(f"batch_docs={self.batch_docs} must be >= 1")
         if self.hub_timeout_s <= 0:
@@ -191,36 +201,11 @@ def prepared_dir(data_cfg: DataConfig, data_root: str | Path) -> Path:
     return Path(data_root) / f"{data_cfg.name}-{data_hash(data_cfg)}"
 
 
-@contextmanager
-def _timed(timings: dict[str, float], step: str):
-    start = time.perf_counter()
-    yield
-    timings[step] = round(time.perf_counter() - start, 3)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _clean_stale(final: Path) -> None:
-    """Remove temporary folders of earlier runs of the same config whose process is gone."""
-    for tmp in final.parent.glob(final.name + ".tmp-*"):
-        try:
-            pid = int(tmp.name.rsplit("-", 1)[1])
-        except ValueError:
-            continue
-        if not _pid_alive(pid):
-            log.info("removing %s left by an interrupted run", tmp)
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}
+# Phase -> its name in the manifest's `timings_s`.
+PHASE_TIMINGS = {"spool": "read_normalize_dedup", "tokenizer": "tokenizer", "encode": "tokenize_filter_pack",
+                 "order": "split_order", "shards": "write_shards"}
+ROWS = "rows.bin"
 
 
 def _progress() -> bool:
@@ -228,206 +213,329 @@ def _progress() -> bool:
 
 
 def prepare(data_cfg: DataConfig, data_root: str | Path) -> Path:
-    """Build (or reuse) the prepared dataset of `data_cfg` under `data_root`; returns its folder."""
+    """Build (or reuse) the prepared dataset of `data_cfg` under `data_root`; returns its folder.
+
+    Concurrent calls for one config build it once: the others wait for the lock, then reuse it.
+    An interrupted build (killed, disk full, a dropped connection) leaves `<folder>.partial/`,
+    and the next call continues it; a build that fails on its input (an empty corpus, a vocabulary
+    too large for it) leaves nothing.
+    """
     from cramming.data.shards import MANIFEST, load_manifest
+    from cramming.data.workdir import BuildLock
 
     final = prepared_dir(data_cfg, data_root)
     if (final / MANIFEST).is_file():
         load_manifest(final)
         log.info("cache hit: %s", final)
         return final
-    if final.exists():
-        log.info("removing %s: it has no manifest (incomplete)", final)
-        shutil.rmtree(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale(final)
-    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        from cramming.data.shards import manifest_digest, sha256_file, write_json_atomic
-
-        try:
-            manifest = _build(data_cfg, tmp)
-            manifest["tokenizer_sha256"] = sha256_file(tmp / manifest["tokenizer"])
-            manifest["manifest_sha256"] = manifest_digest(manifest)
-            write_json_atomic(tmp / MANIFEST, manifest)
-        except OSError as err:
-            if err.errno not in _DISK_ERRNOS:
-                raise
-            # Disk full / quota / I/O error while writing shards or the manifest: the temporary
-            # folder is removed below and no earlier output is touched; say so without a traceback.
-            raise DataError(
-                f"writing {tmp} failed: {err.strerror or err} (errno {err.errno}); nothing was kept "
-                f"(the partial folder is removed). Free space under {final.parent} and run `cram data` again"
-            ) from None
-        fault_point("data.rename")  # complete inside the temporary folder, not yet renamed
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if (final / MANIFEST).is_file():  # a concurrent run of the same config finished first
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with BuildLock(final.with_name(final.name + ".lock")):
+        if (final / MANIFEST).is_file():  # built by the run we waited for
+            load_manifest(final)
+            log.info("cache hit: %s (prepared by another process meanwhile)", final)
+            return final
+        _remove_leftovers(final)
+        partial = final.with_name(final.name + ".partial")
+        _build_keeping_progress(data_cfg, partial)
+        fault_point("data.rename")  # complete inside the partial folder, not yet renamed
+        os.rename(partial, final)
     log.info("prepared %s", final)
     return final
 
 
-def _build(cfg: DataConfig, out: Path) -> dict[str, Any]:
-    from tqdm.auto import tqdm
+def _remove_leftovers(final: Path) -> None:
+    """Folders no build will finish (called with the lock held, so no other build is running):
+    `final` without a manifest, and the `.tmp-<pid>` folders of versions that did not resume."""
+    for old in [final, *final.parent.glob(final.name + ".tmp-*")]:
+        if old.exists():
+            log.info("removing %s: an incomplete build", old)
+            shutil.rmtree(old)
 
-    from cramming.data import pack, shards, sources
-    from cramming.data.filters import ExactDeduplicator
-    from cramming.data.normalize import build_normalizer, normalize_text
-    from cramming.data.tokenizer import load_tokenizer, special_token_ids, train_tokenizer
 
-    progress = _progress()
-    timings: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    t_start = time.perf_counter()
+def _build_keeping_progress(cfg: DataConfig, partial: Path) -> None:
+    """Build in `partial`, continuing its committed work; on failure keep what can be continued."""
+    from cramming.data.shards import MANIFEST, load_manifest
+    from cramming.data.sources import fingerprint
+    from cramming.data.workdir import BuildInterrupted, StaleWork, WorkDir
 
-    # 1-2. read, normalise, dedup; spool to disk ---------------------------------------------
-    stats = sources.SourceStats()
-    normalizer = build_normalizer(cfg.lowercase, cfg.strip_accents, cfg.ascii_only)
-    dedup = ExactDeduplicator() if cfg.dedup else None
-    spool = pack.DocSpool(out)
-    chars_read = empty = 0
-    with _timed(timings, "read_normalize_dedup"):
-        bar = tqdm(total=cfg.max_documents, desc="read+normalise", unit="doc", disable=not progress, mininterval=1.0)
-        for raw in sources.iter_documents(cfg, stats):
-            stats.documents_read += 1
-            chars_read += len(raw)
-            bar.update(1)
-            text = normalize_text(normalizer, raw)
-            if not text:
-                empty += 1
-            elif dedup is None or dedup.is_new(text):
-                spool.add(text)
-            if cfg.max_documents is not None and stats.documents_read >= cfg.max_documents:
-                break
-            if cfg.max_chars is not None and chars_read >= cfg.max_chars:
-                break
-        bar.close()
-        offsets = spool.close()
-    counts.update(
-        documents_read=stats.documents_read,
-        documents_skipped_unreadable=stats.documents_skipped_unreadable,
-        files_read=stats.files_read,
-        files_skipped=stats.files_skipped,
-        chars_read=chars_read,
-        documents_empty_after_normalization=empty,
-        documents_deduplicated=dedup.duplicates if dedup else 0,
-    )
-    what = f"data.source={cfg.source}" + (f" ({', '.join(cfg.local_paths)})" if cfg.source == "local" else "")
-    if stats.documents_read == 0:
-        skipped = stats.documents_skipped_unreadable + stats.files_skipped
-        raise DataError(f"empty corpus: {what} yielded no documents"
-                        + (f" ({skipped} unreadable files/documents skipped, e.g. {stats.skipped_examples[0]})" if skipped else ""))
-    if len(spool) == 0:
-        raise DataError(f"empty corpus: all {stats.documents_read} documents of {what} are empty after normalisation "
-                        "(e.g. non-ASCII text with data.ascii_only=true)")
-    log.info("read %d documents (%d kept after normalisation/dedup)", stats.documents_read, len(spool))
+    if (partial / MANIFEST).is_file():  # killed after writing the manifest, before the rename
+        try:
+            _keep_only_outputs(partial, load_manifest(partial))
+            return
+        except DataError as err:
+            log.warning("starting %s over: %s", partial, err)
+            shutil.rmtree(partial)
+    key = {"config_hash": data_hash(cfg), "source": fingerprint(cfg)}
+    work = WorkDir(partial, key)
+    try:
+        try:
+            _build(cfg, work)
+        except StaleWork as err:
+            log.warning("%s: starting %s over", err, partial)
+            work.remove()
+            work = WorkDir(partial, key)
+            _build(cfg, work)
+    except BuildInterrupted as err:
+        raise type(err)(f"{str(err).rstrip('.')}. The build's progress is kept in {partial}: run the same command "
+                        "again to continue from there") from None
+    except CrammingError:
+        work.remove()  # the input or config is at fault: its partial results are of no use
+        raise
+    except OSError as err:
+        if err.errno not in _DISK_ERRNOS:
+            raise
+        raise DataError(
+            f"writing {partial} failed: {err.strerror or err} (errno {err.errno}). The finished part of the build "
+            f"({work.size_bytes() / 1e6:.1f} MB) is kept in {partial}: free space under {partial.parent} and run the "
+            "same command again to continue, or delete the folder to start over"
+        ) from None
+    except BaseException:
+        log.warning("build interrupted: its progress is kept in %s; the same command continues it", partial)
+        raise
 
-    # 3. tokenizer ----------------------------------------------------------------------------
-    with _timed(timings, "tokenizer"):
-        if cfg.tokenizer_file:
-            tok = load_tokenizer(cfg.tokenizer_file)
-        else:
-            rng = np.random.default_rng([cfg.seed, 3])
-            frac = 1.0 if cfg.tokenizer_sample_chars is None else min(1.0, cfg.tokenizer_sample_chars / max(1, spool.chars))
-            chosen = np.flatnonzero(rng.random(len(spool)) < frac) if frac < 1 else np.arange(len(spool))
 
-            def sample() -> Any:
-                for s in tqdm(range(0, len(chosen), cfg.batch_docs), desc="train tokenizer", disable=not progress):
-                    idx = chosen[s:s + cfg.batch_docs]
-                    # Contiguous reads where possible: fetch the covering range, then pick.
-                    docs = pack.read_docs(spool.path, offsets[idx[0]:idx[-1] + 2])
-                    yield [docs[i - idx[0]] for i in idx]
+def _build(cfg: DataConfig, work: WorkDir) -> None:
+    """All phases in `work` (each skipped when done, or continued), then its manifest."""
+    from cramming.data.order import FileArray
+    from cramming.data.shards import token_dtype
+    from cramming.data.spool import spool_corpus
+    from cramming.data.tokenizer import special_token_ids
 
-            tok = train_tokenizer(
-                sample(), cfg.tokenizer, cfg.vocab_size, lowercase=cfg.lowercase, strip_accents=cfg.strip_accents,
-                ascii_only=cfg.ascii_only, min_frequency=cfg.min_frequency,
-            )
-        tok.save(str(out / "tokenizer.json"))
+    if work.resumed:
+        log.info("continuing the build in %s: %s", work.path, _progress_summary(work))
+    progress, workers = _progress(), resolve_num_proc(cfg.num_proc)
+    spooled = spool_corpus(cfg, work, workers, progress)
+    _check_spooled(cfg, spooled)
+    tok = _tokenizer_phase(cfg, work, spooled["docs"], spooled["chars"], progress)
+    _return_freed_memory()
     specials = special_token_ids(tok)
     vocab_size = tok.get_vocab_size()
-    dtype = shards.token_dtype(vocab_size)
+    dtype = token_dtype(vocab_size)
+    packed = _encode_phase(cfg, work, tok.to_str(), specials, dtype, workers, progress)
+    _check_packed(cfg, packed)
+    rows = FileArray(work.path / ROWS, (packed["sequences"], cfg.seq_len), dtype)
+    val, order = _order_phase(cfg, work, rows, vocab_size, specials["pad"], progress)
+    splits, static = _shards_phase(cfg, work, rows, val, order, vocab_size, specials, progress)
+    manifest = _manifest(cfg, work, spooled, packed, splits, static, specials, vocab_size, dtype)
+    _write_manifest(work.path, manifest)
+    _keep_only_outputs(work.path, manifest)
 
-    # 4-5. filter + tokenize + pack ------------------------------------------------------------
-    rows_path = out / "rows.tmp"
-    with _timed(timings, "tokenize_filter_pack"):
-        packed = pack.encode_and_pack(
-            spool.path, offsets, tok.to_str(), specials["sep"],
-            cfg.compression_threshold if cfg.compression_filter else None,
-            rows_path, cfg.seq_len, dtype, num_proc=cfg.num_proc, batch_docs=cfg.batch_docs, progress=progress,
-            packing=cfg.packing, pad_id=specials["pad"],
-        )
-    counts.update(packed)
-    spool.path.unlink()
+
+def _progress_summary(work: WorkDir) -> str:
+    """What a partial build has done so far, e.g. "spool done, tokenizer done, encode 1200 of 5000 documents"."""
+    parts = []
+    for phase in PHASE_TIMINGS:
+        state = work.progress["phases"].get(phase)
+        if state is None:
+            break
+        if state["done"]:
+            parts.append(f"{phase} done")
+        elif phase == "spool":
+            parts.append(f"spool {state['documents_read']} documents read")
+        elif phase == "encode":
+            parts.append(f"encode {state['docs_encoded']} of {work.state('spool')['docs']} documents")
+        elif phase == "shards":
+            parts.append(f"shards {len(state.get('train', []))} train shards written")
+    return ", ".join(parts)
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap the tokenizer trainer freed (~80 MB at vocab 32768) back to the OS; glibc keeps
+    it mapped otherwise, and every later phase would carry it. A no-op without glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _check_spooled(cfg: DataConfig, c: dict[str, Any]) -> None:
+    what = f"data.source={cfg.source}" + (f" ({', '.join(cfg.local_paths)})" if cfg.source == "local" else "")
+    if c["documents_read"] == 0:
+        skipped = c["documents_skipped_unreadable"] + c["files_skipped"]
+        raise DataError(f"empty corpus: {what} yielded no documents"
+                        + (f" ({skipped} unreadable files/documents skipped, e.g. {c['skipped_examples'][0]})" if skipped else ""))
+    if c["docs"] == 0:
+        raise DataError(f"empty corpus: all {c['documents_read']} documents of {what} are empty after normalisation "
+                        "(e.g. non-ASCII text with data.ascii_only=true)")
+    log.info("read %d documents (%d kept after normalisation/dedup)", c["documents_read"], c["docs"])
+
+
+def _check_packed(cfg: DataConfig, packed: dict[str, Any]) -> None:
     if packed["documents_packed"] == 0:
         raise DataError(
             f"filtering removed the whole corpus: all {packed['documents_filtered']} documents have more than "
             f"{cfg.compression_threshold} tokens per character. Raise data.compression_threshold or set "
             "data.compression_filter=false"
         )
-    n_rows = packed["sequences"]
-    if n_rows < 2:
+    if packed["sequences"] < 2:
         raise DataError(
-            f"the corpus yields {n_rows} full row(s) of {cfg.seq_len} tokens ({packed['tokens'] + packed['tokens_dropped_tail']} "
+            f"the corpus yields {packed['sequences']} full row(s) of {cfg.seq_len} tokens ({packed['tokens'] + packed['tokens_dropped_tail']} "
             "tokens in all); at least 2 are needed (one for training, one held out). Use more text"
         )
 
-    # 6. split + order --------------------------------------------------------------------------
-    rows = np.memmap(rows_path, dtype=dtype, mode="r", shape=(n_rows, cfg.seq_len))
-    with _timed(timings, "split_order"):
-        n_val = min(math.ceil(cfg.val_fraction * n_rows), cfg.val_max_sequences, n_rows - 1)
-        perm = np.random.default_rng([cfg.seed, 5]).permutation(n_rows)
-        val_idx = np.sort(perm[:n_val])
-        train_idx = np.sort(perm[n_val:])
-        del perm
-        train_order = pack.order_rows(rows, train_idx, cfg.sorting, vocab_size, cfg.seed, progress=progress,
-                                      pad_id=specials["pad"] if cfg.packing == "doc-bounded" else None)
 
-    # 7. shards --------------------------------------------------------------------------------
-    with _timed(timings, "write_shards"):
-        splits: dict[str, Any] = {}
-        static = None
-        if cfg.static_masking_copies:
-            import torch
+def _tokenizer_phase(cfg: DataConfig, work: WorkDir, docs: int, chars: int, progress: bool) -> Any:
+    """Step 3: train the tokenizer on a random sample of the spool (or load data.tokenizer_file)."""
+    from cramming.data.tokenizer import load_tokenizer, train_tokenizer
+    from cramming.fileio import write_atomic
 
-            from cramming.data.masking import MLMMasker
+    path = work.path / "tokenizer.json"
+    if work.begin("tokenizer").get("done"):
+        return load_tokenizer(path)
+    if cfg.tokenizer_file:
+        tok = load_tokenizer(cfg.tokenizer_file)
+    else:
+        frac = 1.0 if cfg.tokenizer_sample_chars is None else min(1.0, cfg.tokenizer_sample_chars / max(1, chars))
+        tok = train_tokenizer(
+            _tokenizer_sample(work.path, docs, frac, cfg.seed, cfg.batch_docs, progress), cfg.tokenizer,
+            cfg.vocab_size, lowercase=cfg.lowercase, strip_accents=cfg.strip_accents, ascii_only=cfg.ascii_only,
+            min_frequency=cfg.min_frequency, normalized=True,
+        )
+    write_atomic(path, tok.to_str(pretty=True))
+    work.commit("tokenizer", {}, done=True)
+    return tok
 
-            masker = MLMMasker(vocab_size, specials["mask"], specials.values(), mask_rate=cfg.static_mask_rate,
-                               fixed_count=cfg.static_fixed_count)
-            writer = shards.ShardWriter(out, "train", cfg.seq_len, dtype, cfg.shard_sequences, labels=True)
-            for copy in range(cfg.static_masking_copies):
-                def write_masked(chunk: np.ndarray, offset: int, copy: int = copy) -> None:
-                    gen = torch.Generator().manual_seed(shards._mix(cfg.seed, copy, offset))
-                    batch = masker(torch.from_numpy(chunk.astype(np.int64)), generator=gen)
-                    writer.write(batch["input_ids"].numpy(), batch["labels"].numpy())
 
-                pack.write_in_order(rows, train_order, write_masked, desc=f"static masks {copy + 1}", progress=progress)
-            splits["train"] = writer.finish()
-            static = dict(copies=cfg.static_masking_copies, mask_rate=cfg.static_mask_rate,
-                          fixed_count=cfg.static_fixed_count, replace_mask=0.8, replace_random=0.1,
-                          base_sequences=len(train_order))
-        else:
-            writer = shards.ShardWriter(out, "train", cfg.seq_len, dtype, cfg.shard_sequences)
-            pack.write_in_order(rows, train_order, lambda chunk, _: writer.write(chunk), progress=progress)
-            splits["train"] = writer.finish()
-        vwriter = shards.ShardWriter(out, "val", cfg.seq_len, dtype, cfg.shard_sequences)
-        pack.write_in_order(rows, val_idx, lambda chunk, _: vwriter.write(chunk), desc="write val", progress=progress)
-        splits["val"] = vwriter.finish()
-    del rows
-    rows_path.unlink()
+def _tokenizer_sample(folder: Path, docs: int, frac: float, seed: int, batch_docs: int,
+                      progress: bool) -> Callable[[], Iterator[list[str]]]:
+    """The training corpus: each spooled document with probability `frac` (seeded), batch by batch.
+
+    The random draws are made one batch at a time (never one float per document of the corpus at
+    once) and equal a single draw of `docs` floats, so the sample does not depend on batching.
+    """
+    from tqdm.auto import tqdm
+
+    from cramming.data.spool import BATCH_CHARS, SpoolReader
+
+    def sample() -> Iterator[list[str]]:
+        reader = SpoolReader(folder, docs)
+        rng = np.random.default_rng([seed, 3])
+        bar = tqdm(total=docs, desc="train tokenizer", unit="doc", disable=not progress, mininterval=1.0)
+        for a, b in reader.ranges(0, batch_docs, BATCH_CHARS):
+            fault_point("data.tokenizer")
+            bar.update(b - a)
+            if frac >= 1:
+                yield reader.texts(a, b)
+                continue
+            picked = np.flatnonzero(rng.random(b - a) < frac)
+            if len(picked):  # one contiguous read covering the picked documents
+                texts = reader.texts(a + int(picked[0]), a + int(picked[-1]) + 1)
+                yield [texts[i] for i in picked - picked[0]]
+        bar.close()
+
+    return sample
+
+
+def _encode_phase(cfg: DataConfig, work: WorkDir, tokenizer_json: str, specials: dict[str, int], dtype: np.dtype,
+                  workers: int, progress: bool) -> dict[str, Any]:
+    """Steps 4-5: encode, filter and pack the spool into rows.bin; the spool is deleted after."""
+    from cramming.data import pack
+    from cramming.data.spool import DOCS, INDEX, SpoolReader
+
+    state = work.begin("encode")
+    if state.get("done"):
+        return state
+    counts = pack.encode_and_pack(
+        SpoolReader(work.path, work.state("spool")["docs"]), tokenizer_json, specials["sep"],
+        cfg.compression_threshold if cfg.compression_filter else None, work.path / ROWS, cfg.seq_len, dtype,
+        state=state, commit=lambda s: work.commit("encode", s), num_proc=workers, batch_docs=cfg.batch_docs,
+        progress=progress, packing=cfg.packing, pad_id=specials["pad"],
+    )
+    work.commit("encode", counts, done=True)
+    for name in (DOCS, INDEX):  # only the rows are read from here on: free the disk space
+        (work.path / name).unlink(missing_ok=True)
+    return work.state("encode")
+
+
+def _order_phase(cfg: DataConfig, work: WorkDir, rows: Any, vocab_size: int, pad_id: int,
+                 progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Step 6: the held-out rows (val.npy) and the order of the train rows (order.bin)."""
+    from cramming.data.order import FileArray, order_train, split_validation
+    from cramming.data.workdir import sync_file
+    from cramming.fileio import write_atomic
+
+    val_path, order_path = work.path / "val.json", work.path / "order.bin"
+    if not work.begin("order").get("done"):
+        val = split_validation(len(rows), cfg.val_fraction, cfg.val_max_sequences, cfg.seed, work.path)
+        order_train(rows, val, cfg.sorting, vocab_size, cfg.seed, order_path, work.path,
+                    pad_id=pad_id if cfg.packing == "doc-bounded" else None, progress=progress)
+        sync_file(order_path)
+        write_atomic(val_path, json.dumps(val.tolist()))
+        fault_point("data.order")
+        work.commit("order", {}, done=True)
+    val = np.array(json.loads(val_path.read_text()), dtype=np.int64)
+    return val, FileArray(order_path, (len(rows) - len(val),), np.int64)
+
+
+def _shards_phase(cfg: DataConfig, work: WorkDir, rows: Any, val: np.ndarray, order: np.ndarray, vocab_size: int,
+                  specials: dict[str, int], progress: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Step 7: checksummed train shards in order (resumed at the first unfinished shard), then val."""
+    from cramming.data.order import write_in_order
+    from cramming.data.shards import ShardWriter
+
+    state = work.begin("shards")
+    if state.get("done"):
+        return state["splits"], state["static"]
+    copies = cfg.static_masking_copies
+    if state.get("train_split") is None:
+        writer = ShardWriter(work.path, "train", cfg.seq_len, rows.dtype, cfg.shard_sequences, labels=copies > 0,
+                             shards=state.get("train"), on_shard=lambda s: work.commit("shards", {"train": s}))
+        _write_train(cfg, rows, order, writer, vocab_size, specials, progress)
+        state = {"train_split": writer.finish()}
+        work.commit("shards", state)
+    vwriter = ShardWriter(work.path, "val", cfg.seq_len, rows.dtype, cfg.shard_sequences)
+    write_in_order(rows, val, vwriter.write, desc="write val", progress=progress)
+    splits = {"train": state["train_split"], "val": vwriter.finish()}
+    static = None if not copies else dict(
+        copies=copies, mask_rate=cfg.static_mask_rate, fixed_count=cfg.static_fixed_count, replace_mask=0.8,
+        replace_random=0.1, base_sequences=len(order))
+    work.commit("shards", {"splits": splits, "static": static}, done=True)
+    return splits, static
+
+
+def _write_train(cfg: DataConfig, rows: Any, order: np.ndarray, writer: Any, vocab_size: int,
+                 specials: dict[str, int], progress: bool) -> None:
+    """The train rows in `order` into `writer`, from the rows it already holds on; with static
+    masking `static_masking_copies` passes, each masked with its own seeds."""
+    from cramming.data.order import write_in_order
+
+    start = writer.rows_written
+    if not cfg.static_masking_copies:
+        write_in_order(rows, order, writer.write, start=start, progress=progress)
+        return
+    import torch
+
+    from cramming.data.masking import MLMMasker
+    from cramming.data.shards import _mix
+
+    masker = MLMMasker(vocab_size, specials["mask"], specials.values(), mask_rate=cfg.static_mask_rate,
+                       fixed_count=cfg.static_fixed_count)
+    n = len(order)
+    for copy in range(start // n, cfg.static_masking_copies):
+        def masked(chunk: np.ndarray, offset: int, copy: int = copy) -> tuple[np.ndarray, np.ndarray]:
+            gen = torch.Generator().manual_seed(_mix(cfg.seed, copy, offset))
+            batch = masker(torch.from_numpy(chunk.astype(np.int64)), generator=gen)
+            return batch["input_ids"].numpy(), batch["labels"].numpy()
+
+        write_in_order(rows, order, writer.write, start=max(0, start - copy * n), transform=masked,
+                       desc=f"static masks {copy + 1}", progress=progress)
+
+
+def _manifest(cfg: DataConfig, work: WorkDir, spooled: dict[str, Any], packed: dict[str, Any], splits: dict[str, Any],
+              static: dict[str, Any] | None, specials: dict[str, int], vocab_size: int, dtype: np.dtype) -> dict[str, Any]:
+    from cramming.data.shards import FORMAT_VERSION
+
+    counts = {k: spooled[k] for k in ("documents_read", "documents_skipped_unreadable", "files_read", "files_skipped",
+                                      "chars_read", "documents_empty_after_normalization", "documents_deduplicated")}
+    counts.update({k: packed[k] for k in ("documents_filtered", "chars_filtered", "documents_packed", "chars_packed",
+                                          "tokens_dropped_tail", "sequences", "tokens", "pad_tokens") if k in packed})
     counts.update(train_sequences=splits["train"]["num_sequences"], val_sequences=splits["val"]["num_sequences"])
-    timings["total"] = round(time.perf_counter() - t_start, 3)
-
+    # Time spent in each phase, summed over the runs that built it (a killed run's uncommitted
+    # work is not counted).
+    timings = {name: work.state(phase)["elapsed_s"] for phase, name in PHASE_TIMINGS.items()}
+    timings["total"] = round(sum(timings.values()), 3)
     return {
-        "format_version": shards.FORMAT_VERSION,
+        "format_version": FORMAT_VERSION,
         "name": cfg.name,
         "seq_len": cfg.seq_len,
         "vocab_size": vocab_size,
@@ -442,10 +550,31 @@ def _build(cfg: DataConfig, out: Path) -> dict[str, Any]:
         "data_config": asdict(cfg),
         "config_hash": data_hash(cfg),
         "counts": counts,
-        "skipped_examples": stats.skipped_examples,
+        "skipped_examples": spooled["skipped_examples"],
         "timings_s": timings,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    from cramming.data.shards import MANIFEST, manifest_digest, sha256_file, write_json_atomic
+
+    manifest["tokenizer_sha256"] = sha256_file(folder / manifest["tokenizer"])
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    write_json_atomic(folder / MANIFEST, manifest)
+
+
+def _keep_only_outputs(folder: Path, manifest: dict[str, Any]) -> None:
+    """Delete the build's working files: what is left is the manifest and the files it lists."""
+    from cramming.data.shards import MANIFEST
+
+    keep = {MANIFEST, manifest["tokenizer"]}
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            keep.update(shard[k] for k in ("path", "labels_path") if k in shard)
+    for path in folder.iterdir():
+        if path.name not in keep:
+            path.unlink()
 
 
 def run(cfg: Any) -> None:
@@ -453,7 +582,7 @@ def run(cfg: Any) -> None:
     from cramming.data.shards import load_manifest
 
     data_cfg = to_dataclass(DataConfig, cfg.data, "data")
-    data_root = Path(str(cfg.paths.data_root)).expanduser()
+    data_root = resolve_paths(cfg).paths.data_root
     start = time.perf_counter()
     folder = prepare(data_cfg, data_root)
     manifest = load_manifest(folder)

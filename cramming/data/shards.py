@@ -17,14 +17,15 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cramming.config import fault_point
 from cramming.errors import DataError
+from cramming.faults import fault_point
 from cramming.fileio import sha256_file, write_atomic
 
 FORMAT_VERSION = 1
@@ -52,17 +53,28 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 
 class ShardWriter:
-    """Appends rows to `<prefix>-00000.bin`, ... and hashes them as they are written."""
+    """Appends rows to `<prefix>-00000.bin`, ... and hashes them as they are written.
+
+    `shards`: the manifest entries of shards a killed build already finished; writing continues
+    with the next shard. `on_shard(shards)` is called each time a shard is finished.
+    """
 
     def __init__(self, folder: Path, prefix: str, seq_len: int, dtype: np.dtype, rows_per_shard: int,
-                 labels: bool = False) -> None:
+                 labels: bool = False, shards: list[dict[str, Any]] | None = None,
+                 on_shard: Callable[[list[dict[str, Any]]], None] | None = None) -> None:
         self.folder, self.prefix, self.seq_len, self.dtype = Path(folder), prefix, seq_len, np.dtype(dtype)
         self.rows_per_shard = rows_per_shard
         self.with_labels = labels
-        self.shards: list[dict[str, Any]] = []
+        self.shards: list[dict[str, Any]] = [dict(s) for s in shards or []]
+        self.on_shard = on_shard
         self._fh = self._lfh = None
         self._hash = self._lhash = None
         self._rows = 0
+
+    @property
+    def rows_written(self) -> int:
+        """Rows in finished shards and the one being written (whose entry says 0 rows until finished)."""
+        return sum(s["rows"] for s in self.shards) + (self._rows if self._fh is not None else 0)
 
     def _open(self) -> None:
         name = f"{self.prefix}-{len(self.shards):05d}.bin"
@@ -76,12 +88,17 @@ class ShardWriter:
     def _close(self) -> None:
         if self._fh is None:
             return
-        self._fh.close()
+        for fh in (self._fh, self._lfh):
+            if fh is not None:  # a finished shard is never rewritten by a resumed build: make it durable
+                fh.flush()
+                os.fsync(fh.fileno())
+                fh.close()
         self.shards[-1].update(rows=self._rows, sha256=self._hash.hexdigest())
         if self._lfh is not None:
-            self._lfh.close()
             self.shards[-1]["labels_sha256"] = self._lhash.hexdigest()
         self._fh = self._lfh = None
+        if self.on_shard is not None:
+            self.on_shard([dict(s) for s in self.shards])
 
     def write(self, rows: np.ndarray, labels: np.ndarray | None = None) -> None:
         """Append `rows` ([n, seq_len]); `labels` (int32, same shape) when writing static masks."""

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from cramming.data.workdir import BuildInterrupted
 from cramming.errors import DataError
 
 EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
@@ -275,8 +276,12 @@ def iter_local(paths: list[str], unit: str, fmt: str, text_field: str, stats: So
 # ---------------------------------------------------------------------------------------------
 
 
-def _offline_help(src: HubSource, reason: str) -> DataError:
-    return DataError(
+class SourceInterrupted(BuildInterrupted):
+    """A streamed source failed part-way (e.g. the connection dropped): what was read is still good."""
+
+
+def _offline_help(src: HubSource, reason: str, cls: type[DataError] = DataError) -> DataError:
+    return cls(
         f"could not stream hub dataset {src.path!r} (config {src.name!r}, split {src.split!r}): {reason}. "
         f"Tried to stream it with datasets.load_dataset({src.path!r}, {src.name!r}, streaming=True). Without network access, download the data "
         "elsewhere and use local files instead, e.g. `cram data data=local data.local_paths=[/path/to/files]` "
@@ -321,7 +326,8 @@ def _iter_hub_source(src: HubSource, timeout_s: float, stats: SourceStats, stric
         except StopIteration:
             return
         except Exception as err:  # network drop mid-stream, corrupt file
-            raise _offline_help(src, f"reading failed after {count} documents: {type(err).__name__}: {err}") from None
+            raise _offline_help(src, f"reading failed after {count} documents: {type(err).__name__}: {err}",
+                                SourceInterrupted) from None
         if src.subsets and get_field(record, src.subset_field or "") not in src.subsets:
             continue
         text = get_field(record, src.text_field)
@@ -347,6 +353,18 @@ def iter_hub(sources: list[HubSource], timeout_s: float, stats: SourceStats, str
                 continue
             alive.append(it)
         iterators = alive
+
+
+def fingerprint(cfg: Any) -> list[list[Any]]:
+    """Path, size and modification time of every local file `cfg` (a DataConfig) reads (none for
+    hub datasets): a partial build is continued only while these are unchanged."""
+    if cfg.source == "embedded":
+        files = embedded_files(cfg.embedded_files)
+    elif cfg.source == "local":
+        files = local_files(cfg.local_paths)
+    else:
+        files = [Path(f) for src in cfg.hub_sources for f in src.data_files or [] if Path(f).is_file()]
+    return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
 
 
 def iter_documents(cfg: Any, stats: SourceStats) -> Iterator[str]:

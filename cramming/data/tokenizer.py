@@ -7,7 +7,9 @@ normaliser of `normalize.py`, and a BERT-style post-processor (`[CLS] a [SEP]`, 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import itertools
+import json
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Literal
 
@@ -62,7 +64,7 @@ def _model_and_trainer(kind: str, vocab_size: int, min_frequency: int) -> tuple[
 
 
 def train_tokenizer(
-    texts: Iterable[str],
+    corpus: Callable[[], Iterable[str | list[str]]],
     kind: str = "wordpiece",
     vocab_size: int = 32768,
     *,
@@ -72,15 +74,27 @@ def train_tokenizer(
     min_frequency: int = 2,
     length: int | None = None,
     exact_vocab: bool = True,
+    normalized: bool = False,
 ) -> Tokenizer:
-    """Train a tokenizer from scratch on `texts` (an iterator is fine; it is consumed once).
+    """Train a tokenizer from scratch on the texts (or batches of texts) that `corpus()` yields.
 
-    With `exact_vocab`, a corpus too small to fill `vocab_size` raises DataError instead of
-    silently producing a smaller vocabulary than the model config expects.
+    `corpus` is called twice for the wordpiece and bpe kinds: a quick pass over its characters
+    (see `_continuing_pieces`), then the training pass. With `exact_vocab`, a corpus too small to
+    fill `vocab_size` raises DataError instead of silently producing a smaller vocabulary than the
+    model config expects. `normalized`: the texts are normalised with these flags already (the
+    spool of `cram data`); the normaliser is idempotent, so training skips it (about a third of
+    the training time) and it is attached afterwards.
     """
     tok, trainer = _model_and_trainer(kind, vocab_size, min_frequency)
-    tok.normalizer = build_normalizer(lowercase, strip_accents, ascii_only)
-    tok.train_from_iterator(texts, trainer=trainer, length=length)
+    normalizer = build_normalizer(lowercase, strip_accents, ascii_only)
+    tok.normalizer = None if normalized else normalizer
+    prefix = getattr(trainer, "continuing_subword_prefix", None)  # UnigramTrainer has none
+    if prefix:
+        trainer.special_tokens = list(SPECIAL_TOKENS.values()) + _continuing_pieces(corpus(), tok, prefix)
+    tok.train_from_iterator(corpus(), trainer=trainer, length=length)
+    if prefix:
+        tok = _without_added_tokens_beyond_specials(tok)
+    tok.normalizer = normalizer
     got = tok.get_vocab_size()
     if got == len(SPECIAL_TOKENS) or got == 0:
         raise DataError("the tokenizer learned no tokens: the corpus is empty after normalisation")
@@ -93,24 +107,54 @@ def train_tokenizer(
     for name, text in SPECIAL_TOKENS.items():
         if tok.token_to_id(text) is None:  # pragma: no cover - trainers always add them
             raise DataError(f"special token {name}={text} is missing from the trained tokenizer")
-    if kind == "wordpiece":
-        _canonical_wordpiece_ids(tok)
     add_post_processor(tok)
     return tok
 
 
-def _canonical_wordpiece_ids(tok: Tokenizer) -> None:
-    """Renumber a WordPiece vocabulary: specials first, then tokens in sorted order.
+def _continuing_pieces(corpus: Iterable[str | list[str]], tok: Tokenizer, prefix: str) -> list[str]:
+    """`prefix + c` for every character c that follows another one inside a word of the corpus, sorted.
 
-    The trainer breaks ties between equally frequent merges in hash-map order, so the same corpus
-    can give the same tokens with different ids from run to run; WordPiece looks tokens up by
-    string, so a canonical numbering makes the prepared shards reproducible at no cost.
+    Why: the BPE/WordPiece trainers of `tokenizers` (0.23) number these continuing pieces in the
+    order they meet them while iterating a hash map of the corpus's words, and break ties between
+    equally frequent merges by those numbers, so the same corpus gives a different vocabulary
+    (other tokens, not just other ids) from one process to the next (huggingface/tokenizers#1794).
+    Given to the trainer as special tokens, the same pieces are numbered before that loop, in this
+    order.
     """
-    vocab = tok.get_vocab()
-    specials = list(SPECIAL_TOKENS.values())
-    rest = sorted(t for t in vocab if t not in SPECIAL_TOKENS.values())
-    ordered = {t: i for i, t in enumerate(specials + rest)}
-    tok.model = models.WordPiece(ordered, unk_token=SPECIAL_TOKENS["unk"], continuing_subword_prefix="##")
+    inside: dict[str, bool] = {}
+
+    def stays_inside(c: str) -> bool:
+        # The BERT pre-tokenizer splits at whitespace and around punctuation, one character at a
+        # time: a character stays inside words if two of it stay one piece.
+        if c not in inside:
+            inside[c] = len(tok.pre_tokenizer.pre_tokenize_str(c + c)) == 1
+        return inside[c]
+
+    found: set[str] = set()
+    for item in corpus:
+        texts = [item] if isinstance(item, str) else item
+        if tok.normalizer is not None:
+            texts = [tok.normalizer.normalize_str(t) for t in texts]
+        # Character pairs cost ~5x the character set: scan them only while a batch has a word
+        # character not yet seen continuing a word, which on real text ends after a few batches.
+        if not any(stays_inside(c) for c in set().union(*texts) - found):
+            continue
+        pairs = set().union(*map(itertools.pairwise, texts))
+        found.update(b for a, b in pairs if stays_inside(a) and stays_inside(b))
+    return sorted(prefix + c for c in found)
+
+
+def _without_added_tokens_beyond_specials(tok: Tokenizer) -> Tokenizer:
+    """The tokenizer with only the five special tokens as added tokens.
+
+    Training registers every trainer special token as an added token; the continuing pieces of
+    `_continuing_pieces` must stay ordinary vocabulary entries (matched inside words, kept when
+    decoding with skip_special_tokens). tokenizers has no call to remove added tokens, so this
+    edits its JSON form.
+    """
+    data = json.loads(tok.to_str())
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] in SPECIAL_TOKENS.values()]
+    return Tokenizer.from_str(json.dumps(data))
 
 
 def _round_down_pow2(n: int) -> int:

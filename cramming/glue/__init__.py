@@ -116,6 +116,15 @@ class GlueConfig:
     """Export the first trial's finetuned classifier of each task to <out>/finetuned/<task>/."""
     num_workers: int = 0
     """DataLoader worker processes (tokenization is done up front, so 0 is usually fastest)."""
+    parallel_trials: bool | None = None
+    """Train a task's trials side by side on one device (one stacked step; same seeds, batches, AdamW and
+    schedule per trial as one after another): true, false (one after another), or null = side by side on
+    CUDA, one after another on CPU (not faster there; docs/benchmarks.md). fp16 always runs them one after
+    another, and a group that does not fit in memory falls back to that (logged)."""
+    pad_buckets: int = 4
+    """Padding widths of a compiled step (CUDA with gpu.compile): a batch is padded to the smallest of this
+    many widths up to max_seq_len that holds it (1 = always max_seq_len), so the compiled step sees a few
+    static shapes. Eager steps pad to the batch's longest example. Scores do not depend on it."""
     tokenizer: str | None = None
     """For ckpt=random-init only: a tokenizer.json file or a folder holding one (a prepared data folder or
     an exported checkpoint); the model is built from the `arch` group with that tokenizer's vocabulary."""
@@ -171,6 +180,8 @@ class GlueConfig:
                 raise ConfigError(f"glue.{key} must be >= 1 or null, got {value}")
         if self.num_workers < 0:
             raise ConfigError(f"glue.num_workers must be >= 0, got {self.num_workers}")
+        if self.pad_buckets < 1 or self.pad_buckets > self.max_seq_len:
+            raise ConfigError(f"glue.pad_buckets must be between 1 and glue.max_seq_len={self.max_seq_len}, got {self.pad_buckets}")
         if self.on_bad_row not in ("error", "skip"):
             raise ConfigError(f"glue.on_bad_row must be error or skip, got {self.on_bad_row!r}")
 

@@ -2,12 +2,15 @@
 
 One trial = one task, one seed: tokenize with the checkpoint's own tokenizer (pairs as
 [CLS] a [SEP] b [SEP], at most `max_seq_len` tokens), finetune with AdamW and a warmup + decay
-schedule under the GPU profile's precision, evaluate on dev after each epoch and keep the FINAL
-epoch's scores (never the best epoch: picking on dev would overstate them). The median over trials
-is the task's score; the GLUE average follows the paper's convention (see `metrics`).
+schedule under the GPU profile's precision (CUDA; the CPU runs fp32 eager), evaluate on dev after
+each epoch and keep the FINAL epoch's scores (never the best epoch: picking on dev would overstate
+them). The median over trials is the task's score; the GLUE average follows the paper's convention
+(see `metrics`). On CUDA a task's trials train side by side as one stacked model by default
+(`parallel`, glue.parallel_trials), each trial still the recipe's.
 
-`results.json` is rewritten atomically after every trial, so a killed run resumes: re-running with
-the same output folder (`run_name=...`) and the same config skips the trials already in it.
+`results.json` is rewritten atomically after every trial (after every group of side-by-side
+trials), so a killed run resumes: re-running with the same output folder (`run_name=...`) and the
+same config skips the trials already in it.
 
 Baseline `ckpt=random-init`: the `arch` group's model with random weights (the paper's lower bound);
 it needs `glue.tokenizer=<tokenizer.json or a folder holding one>` for its vocabulary.
@@ -15,15 +18,12 @@ it needs `glue.tokenizer=<tokenizer.json or a folder holding one>` for its vocab
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
-import math
-import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,15 +32,18 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from cramming.config import GpuProfile, config_hash, fault_point, resolve_gpu, to_dataclass
+from cramming.config import GpuProfile, config_hash, resolve_gpu, resolve_paths, to_dataclass
 from cramming.errors import CheckpointError, ConfigError
+from cramming.faults import fault_point
 from cramming.fileio import sha256_file, write_atomic
-from cramming.glue import GlueConfig
+from cramming.glue import GlueConfig, parallel
 from cramming.glue import metrics as M
+from cramming.glue.batching import Collate, make_loader
 from cramming.glue.tasks import Split, TaskData, TaskSpec, load_custom_task, load_task
+from cramming.glue.training import TrialLog, TrialTrainer, compiles, logits_of, seed_everything, train_collate
+from cramming.optim.precision import autocast, effective_precision
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +52,10 @@ RANDOM_INIT = "random-init"
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 # Config fields that change what a trial computes; the rest (which tasks, how many trials, loader
-# workers, export, eval batch size, logging every epoch) can change between a run and its resume.
+# workers, export, eval batch size, logging every epoch, padding widths, trials side by side or not)
+# can change between a run and its resume. Each trial's record says how it ran ("mode").
 _RESUME_IGNORED = ("tasks", "custom_tasks", "trials", "seeds", "num_workers", "export_finetuned",
-                   "eval_batch_size", "eval_every_epoch")
+                   "eval_batch_size", "eval_every_epoch", "pad_buckets", "parallel_trials")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,68 +216,13 @@ def encode_split(tokenizer: Any, split: Split, max_len: int) -> Encoded:
     return Encoded(out, split.labels)
 
 
-class _Collate:
-    """Dynamic padding to the longest example of the batch, with an attention mask."""
-
-    def __init__(self, pad_id: int, regression: bool) -> None:
-        self.pad_id = pad_id
-        self.regression = regression
-
-    def __call__(self, batch: Sequence[tuple[list[int], float | int]]) -> dict[str, torch.Tensor]:
-        width = max(len(ids) for ids, _ in batch)
-        input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, (ids, _) in enumerate(batch):
-            input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            mask[i, : len(ids)] = 1
-        dtype = torch.float32 if self.regression else torch.long
-        labels = torch.tensor([y for _, y in batch], dtype=dtype)
-        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
-
-
-def _loader(enc: Encoded, batch_size: int, collate: _Collate, shuffle: bool, seed: int, workers: int) -> DataLoader:
-    data = list(zip(enc.input_ids, enc.labels, strict=True))
-    gen = torch.Generator().manual_seed(seed)
-    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=gen,
-                      num_workers=workers)
-
-
 # ---------------------------------------------------------------------------------------------
 # One trial
 # ---------------------------------------------------------------------------------------------
 
 
-def _autocast(profile: GpuProfile, device: torch.device) -> contextlib.AbstractContextManager:
-    if profile.precision == "fp32":
-        return contextlib.nullcontext()
-    if device.type == "cpu" and profile.precision == "fp16":
-        return contextlib.nullcontext()  # fp16 autocast on CPU is neither fast nor the profile's intent
-    dtype = torch.bfloat16 if profile.precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def _logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    logits = out["logits"] if isinstance(out, dict) else getattr(out, "logits", out)
-    return logits.float()
-
-
-def _loss(logits: torch.Tensor, labels: torch.Tensor, regression: bool) -> torch.Tensor:
-    # Computed here in fp32 rather than taken from the model, so the objective is the same under any
-    # precision: cross-entropy for classes, MSE for a score (num_labels == 1).
-    if regression:
-        return nn.functional.mse_loss(logits.view(-1), labels.float())
-    return nn.functional.cross_entropy(logits, labels)
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 @torch.no_grad()
-def evaluate(model: nn.Module, spec: TaskSpec, dev: dict[str, Encoded], batch_size: int, collate: _Collate,
+def evaluate(model: nn.Module, spec: TaskSpec, dev: dict[str, Encoded], batch_size: int, collate: Collate,
              profile: GpuProfile, device: torch.device) -> tuple[dict[str, float], list[str]]:
     """Scores (percent) on every dev split, flattened to the task's metric keys."""
     model.eval()
@@ -282,13 +231,13 @@ def evaluate(model: nn.Module, spec: TaskSpec, dev: dict[str, Encoded], batch_si
     regression = spec.kind == "regression"
     for split, enc in dev.items():
         preds: list = []
-        for batch in _loader(enc, batch_size, collate, False, 0, 0):
+        for batch in make_loader(enc.input_ids, enc.labels, batch_size, collate, False, 0, 0):
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with _autocast(profile, device):
-                logits = _logits(model, batch)
+            with autocast(device, profile.precision):
+                logits = logits_of(model, batch)
             preds.append(logits.view(-1) if regression else logits.argmax(-1))
         pred = torch.cat(preds).cpu().numpy()
-        scores, split_notes = M.score(spec.metrics, pred, np.asarray(enc.labels))
+        scores, split_notes = M.score(spec, pred, np.asarray(enc.labels))
         for name, v in scores.items():
             values[spec.metric_key(split, name)] = v
         notes += [f"{split}: {n}" if len(dev) > 1 else n for n in split_notes]
@@ -301,76 +250,39 @@ def finetune_trial(source: Source, spec: TaskSpec, train: Encoded, dev: dict[str
     (final-epoch scores, per-epoch log) and the finetuned model."""
     device = torch.device(profile.device)
     regression = spec.kind == "regression"
-    _seed_everything(seed)
+    seed_everything(seed)
     model = source.make_model(spec.num_labels, gcfg.dropout).to(device)
-    collate = _Collate(int(source.tokenizer.convert_tokens_to_ids("[PAD]")), regression)
-    loader = _loader(train, gcfg.batch_size, collate, True, seed, gcfg.num_workers)
+    pad_id = _pad_id(source)
+    loader = make_loader(train.input_ids, train.labels, gcfg.batch_size, train_collate(pad_id, regression, gcfg, profile),
+                         True, seed, gcfg.num_workers)
     total_steps = gcfg.epochs * len(loader)
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": gcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=gcfg.lr, betas=tuple(gcfg.adam_betas), eps=gcfg.adam_eps,
-        # One fused kernel instead of a launch per tensor: ~25% faster finetuning steps on an H100,
-        # where batch-16 steps of a 120M-parameter model are bound by kernel launches.
-        fused=device.type == "cuda",
-    )
-    from transformers import (
-        get_constant_schedule_with_warmup,
-        get_cosine_schedule_with_warmup,
-        get_linear_schedule_with_warmup,
-    )
+    trainer = TrialTrainer.build(model, gcfg, profile, total_steps, regression)
 
-    warmup = int(round(gcfg.warmup_fraction * total_steps))
-    if gcfg.schedule == "cosine":
-        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
-    elif gcfg.schedule == "linear":
-        scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
-    else:
-        scheduler = get_constant_schedule_with_warmup(optimizer, warmup)
-    # Loss scaling only for fp16 on a GPU: bf16 and fp32 do not underflow the way fp16 does.
-    scaler = torch.amp.GradScaler(device.type, enabled=profile.precision == "fp16" and device.type == "cuda")
-
-    epochs: list[dict[str, Any]] = []
-    final: dict[str, float] = {}
-    notes: list[str] = []
+    trial = TrialLog(seed, label, gcfg.epochs)
     start = time.perf_counter()
     for epoch in range(1, gcfg.epochs + 1):
         model.train()
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
-        bar = tqdm(loader, desc=f"{label} epoch {epoch}/{gcfg.epochs}", leave=False, mininterval=1.0, dynamic_ncols=True)
+        # The bar gets the epoch's one iterator: given the loader, tqdm.auto opens a throwaway iterator
+        # of its own, whose draw from the shuffling generator would make the order depend on the bar.
+        bar = tqdm(iter(loader), total=len(loader), desc=f"{label} epoch {epoch}/{gcfg.epochs}", leave=False,
+                   mininterval=1.0, dynamic_ncols=True)
         for batch in bar:
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with _autocast(profile, device):
-                logits = _logits(model, batch)
-            loss = _loss(logits, batch["labels"], regression)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if gcfg.grad_clip is not None:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), gcfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
+            loss = trainer.step({k: v.to(device, non_blocking=True) for k, v in batch.items()})
             fault_point("glue.trial")
             loss_sum += loss.detach()
         train_loss = float(loss_sum.item()) / max(1, len(loader))
-        record: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "lr": scheduler.get_last_lr()[0],
-                                  "time_s": round(time.perf_counter() - t0, 3)}
+        seconds = time.perf_counter() - t0
+        scores = None
         if gcfg.eval_every_epoch or epoch == gcfg.epochs:
-            scores, notes = evaluate(model, spec, dev, gcfg.eval_batch_size, collate, profile, device)
-            record["dev"] = scores
-            final = scores
-        epochs.append(record)
-        shown = " ".join(f"{k} {v:.2f}" for k, v in record.get("dev", {}).items())
-        log.info("%s epoch %d/%d: train_loss %.4f%s (%.1fs)", label, epoch, gcfg.epochs, train_loss,
-                 f" dev {shown}" if shown else "", record["time_s"])
-        if not math.isfinite(train_loss):
-            notes = [*notes, f"non-finite training loss in epoch {epoch}"]
-    trial = {"seed": seed, "final": final, "epochs": epochs, "notes": notes,
-             "time_s": round(time.perf_counter() - start, 3), "train_steps": total_steps}
-    return trial, model
+            scores = evaluate(model, spec, dev, gcfg.eval_batch_size, Collate(pad_id, regression), profile, device)
+        trial.end_epoch(epoch, train_loss, trainer.scheduler.get_last_lr()[0], seconds, scores)
+    return trial.result(time.perf_counter() - start, total_steps, mode="sequential"), model
+
+
+def _pad_id(source: Source) -> int:
+    return int(source.tokenizer.convert_tokens_to_ids("[PAD]"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -510,6 +422,9 @@ def run_glue(gcfg: GlueConfig, source: Source, out_dir: Path, profile: GpuProfil
         raise ConfigError(f"gpu profile {profile.name} wants CUDA but none is available; pass gpu=cpu")
     tasks = load_all_tasks(gcfg)
     seeds = gcfg.trial_seeds(base_seed)
+    precision = effective_precision(torch.device(profile.device), profile.precision)
+    if precision != profile.precision:
+        log.info("gpu.precision=%s applies on CUDA only; finetuning on the CPU runs fp32, as pretraining does", profile.precision)
     key = resume_key(gcfg, source, profile, base_seed)
     results_path, md_path = out_dir / "results.json", out_dir / "results.md"
     previous = _load_previous(results_path, key)
@@ -520,7 +435,7 @@ def run_glue(gcfg: GlueConfig, source: Source, out_dir: Path, profile: GpuProfil
         "checkpoint": {"path": source.path, "kind": source.kind, "sha256": source.sha256},
         "config": dataclasses.asdict(gcfg),
         "run": {"base_seed": base_seed, "seeds": seeds, "device": profile.device, "gpu_profile": profile.name,
-                "precision": profile.precision, "torch": torch.__version__},
+                "precision": precision, "torch": torch.__version__},
         "tasks": {},
     }
 
@@ -546,15 +461,19 @@ def run_glue(gcfg: GlueConfig, source: Source, out_dir: Path, profile: GpuProfil
         todo = [s for s in seeds if s not in done]
         if len(todo) < len(seeds):
             log.info("%s: %d of %d trial(s) already in %s; skipping them", spec.name, len(seeds) - len(todo), len(seeds), results_path)
+        labels = {seed: f"{spec.name} trial {i + 1}/{len(seeds)} (seed {seed})" for i, seed in enumerate(seeds)}
         encoded = None
+        if parallel.wanted(gcfg, profile, len(todo)):
+            encoded = _encode(source, task, gcfg)
+            # Trials that did not fit side by side stay out of `done` and run one by one below.
+            done.update(_side_by_side(source, spec, encoded, gcfg, seeds, todo, profile, labels, out_dir))
         for i, seed in enumerate(seeds):
             if seed in done:
                 entry["trials"].append(done[seed])
                 continue
             if encoded is None:  # tokenize once per task, only when some trial needs it
-                encoded = (encode_split(source.tokenizer, task.train, gcfg.max_seq_len),
-                           {k: encode_split(source.tokenizer, v, gcfg.max_seq_len) for k, v in task.dev.items()})
-            label = f"{spec.name} trial {i + 1}/{len(seeds)} (seed {seed})"
+                encoded = _encode(source, task, gcfg)
+            label = labels[seed]
             trial, model = finetune_trial(source, spec, encoded[0], encoded[1], gcfg, seed, profile, label)
             entry["trials"].append(trial)
             if gcfg.export_finetuned and i == 0:
@@ -563,6 +482,8 @@ def run_glue(gcfg: GlueConfig, source: Source, out_dir: Path, profile: GpuProfil
             save()
             head = " ".join(f"{k} {trial['final'][k]:.2f}" for k in spec.headline_keys())
             log.info("%s: final %s", label, head)
+        if compiles(profile):
+            torch._dynamo.reset()  # this task's graphs (its head's shapes) are not the next task's
         # Keep trials in seed order so a resumed run reads the same as an uninterrupted one.
         entry["trials"].sort(key=lambda t: seeds.index(t["seed"]))
         save()
@@ -572,6 +493,28 @@ def run_glue(gcfg: GlueConfig, source: Source, out_dir: Path, profile: GpuProfil
     avg = results["glue"]["average"]
     log.info("GLUE average: %s; results in %s", "n/a (not all tasks ran)" if avg is None else f"{avg:.2f}", results_path)
     return results
+
+
+def _encode(source: Source, task: TaskData, gcfg: GlueConfig) -> tuple[Encoded, dict[str, Encoded]]:
+    """Tokenize a task's training and dev splits (once per task, only when some trial needs it)."""
+    return (encode_split(source.tokenizer, task.train, gcfg.max_seq_len),
+            {k: encode_split(source.tokenizer, v, gcfg.max_seq_len) for k, v in task.dev.items()})
+
+
+def _side_by_side(source: Source, spec: TaskSpec, encoded: tuple[Encoded, dict[str, Encoded]], gcfg: GlueConfig,
+                  seeds: list[int], todo: list[int], profile: GpuProfile, labels: dict[int, str],
+                  out_dir: Path) -> dict[int, dict[str, Any]]:
+    """Run a task's remaining trials (`todo` of `seeds`) side by side; their records by seed, none when
+    they did not fit. As in sequential runs, the first seed's classifier is the one exported."""
+    group = parallel.finetune_side_by_side(lambda: source.make_model(spec.num_labels, gcfg.dropout), _pad_id(source),
+                                           spec, *encoded, gcfg, todo, profile, [labels[s] for s in todo])
+    if group is None:
+        return {}
+    for i, (seed, trial) in enumerate(zip(todo, group.trials, strict=True)):
+        log.info("%s: final %s", labels[seed], " ".join(f"{k} {trial['final'][k]:.2f}" for k in spec.headline_keys()))
+        if gcfg.export_finetuned and seed == seeds[0]:
+            _export(group.stack.module(i), source, spec, out_dir / "finetuned" / spec.name, seed)
+    return dict(zip(todo, group.trials, strict=True))
 
 
 def _export(model: nn.Module, source: Source, spec: TaskSpec, out: Path, seed: int) -> None:
@@ -590,13 +533,14 @@ def run(cfg: DictConfig) -> None:
     """The `cram glue` entry point (a Hydra application; see cramming/cli.py)."""
     from hydra.core.hydra_config import HydraConfig
 
+    cfg = resolve_paths(cfg)
     gcfg = to_dataclass(GlueConfig, cfg.glue, "glue")
     profile = resolve_gpu(cfg.gpu)
     source = resolve_source(cfg, gcfg)
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     log.info("cram glue: %s on %s (%s, %s); output %s", source.path, ", ".join(
         [*gcfg.tasks, *(c.name for c in gcfg.custom_tasks)]), profile.name, profile.precision, out_dir)
-    from cramming.train.checkpoint import RunLock
+    from cramming.runs import RunLock
 
     # Two `cram glue` runs with the same run_name would interleave their results.json rewrites
     # (each dropping the other's trials): the second one refuses instead.

@@ -1,11 +1,13 @@
-"""GLUE metrics (scikit-learn / scipy) and the GLUE average.
+"""GLUE scoring through the project's `evaluate` module, and the GLUE average.
 
-Every metric function takes predictions and references and returns `(value, note)`: the value is a
-plain float in the metric's natural range (accuracy and F1 in [0, 1], correlations in [-1, 1]) and
-`note` is None or a short explanation of an edge case. Correlations are undefined when either side
-is constant (e.g. a model that predicts one class everywhere); we return 0.0 with a note instead of
-NaN, so medians and averages stay defined and a collapsed model scores "no correlation", which is
-what it has. `score()` reports the task's metrics in percent, as GLUE tables do.
+The metrics themselves live in one place, `glue_metric.py`, an `evaluate` module loaded by path
+(`EVALUATE_MODULE`) with no network; it computes with scikit-learn and scipy and uses the keys of
+evaluate's own glue metric. `score()` runs a task's dev predictions through it and reports the
+task's metrics in percent, as GLUE tables do, under the project's metric names (`EVALUATE_KEYS`).
+Undefined values (constant predictions or references for MCC and the correlations, no positive
+prediction for F1) are 0.0, not NaN, with a note saying why: medians and averages stay defined and a
+collapsed model scores "no correlation", which is what it has. evaluate keeps its copy of the module
+under $HF_HOME (modules/, metrics/); set HF_HOME to move it.
 
 GLUE average (the Cramming paper's convention, also the reference implementation's): one column per
 entry of the paper's table, MNLI-m, MNLI-mm, QQP, QNLI, SST-2, CoLA, STS-B, MRPC, RTE, i.e. MNLI's
@@ -18,27 +20,27 @@ were averaged first), which is the 80.7 it reports.
 
 from __future__ import annotations
 
-import math
+import sys
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 
-MetricResult = tuple[float, str | None]
+from cramming.glue.tasks import GLUE_TASKS, TaskSpec
+from cramming.runs import GLUE_COLUMNS  # the results format's column order, defined there
 
-# Column order of the paper's GLUE table: (column label, task, metric key in that task's results).
-GLUE_COLUMNS: tuple[tuple[str, str, str], ...] = (
-    ("MNLI-m", "mnli", "matched_accuracy"),
-    ("MNLI-mm", "mnli", "mismatched_accuracy"),
-    ("QQP", "qqp", "f1"),
-    ("QNLI", "qnli", "accuracy"),
-    ("SST-2", "sst2", "accuracy"),
-    ("CoLA", "cola", "mcc"),
-    ("STS-B", "stsb", "spearman"),
-    ("MRPC", "mrpc", "f1"),
-    ("RTE", "rte", "accuracy"),
-)
+EVALUATE_MODULE: str = str(Path(__file__).with_name("glue_metric.py"))
+"""Path of the GLUE metric's `evaluate` module: `evaluate.load(EVALUATE_MODULE, "mrpc")`."""
 
+# The project's metric names (task specs, configs, results.json) -> the evaluate module's keys.
+EVALUATE_KEYS: dict[str, str] = {
+    "accuracy": "accuracy",
+    "f1": "f1",
+    "mcc": "matthews_correlation",
+    "pearson": "pearson",
+    "spearman": "spearmanr",
+}
 
 # Published GLUE dev scores, copied from the project spec's summary of the Cramming paper
 # (RECIPE.md, section 1, "GLUE"). Only the numbers stated there are filled in; the rest stay blank
@@ -56,99 +58,34 @@ PUBLISHED_ROWS: tuple[tuple[str, dict[str, float]], ...] = (
 )
 
 
-def _as_arrays(preds: Sequence, labels: Sequence) -> tuple[np.ndarray, np.ndarray]:
-    p, y = np.asarray(preds), np.asarray(labels)
-    if p.shape != y.shape or p.ndim != 1:
-        raise ValueError(f"predictions {p.shape} and labels {y.shape} must be 1-d and of equal length")
-    if p.size == 0:
-        raise ValueError("cannot score an empty evaluation set")
-    return p, y
+def evaluate_config(spec: TaskSpec) -> str:
+    """The GLUE metric module's config for a task: its own name for a GLUE task, else by kind and labels."""
+    if spec.name in GLUE_TASKS:
+        return spec.name
+    if spec.kind == "regression":
+        return "regression"
+    return "binary" if spec.num_labels == 2 else "multiclass"
 
 
-def accuracy(preds: Sequence[int], labels: Sequence[int]) -> MetricResult:
-    """Fraction of exact matches."""
-    from sklearn.metrics import accuracy_score
+def score(spec: TaskSpec, preds: Sequence, labels: Sequence) -> tuple[dict[str, float], list[str]]:
+    """The task's metrics (`spec.metrics`) in percent through the evaluate module, plus notes on edge cases.
 
-    p, y = _as_arrays(preds, labels)
-    return float(accuracy_score(y, p)), None
-
-
-def f1(preds: Sequence[int], labels: Sequence[int]) -> MetricResult:
-    """Binary F1 of the positive class (label index 1), as GLUE scores MRPC and QQP.
-
-    With no positive prediction and no positive reference, precision and recall are undefined; the
-    value is then 0.0 (scikit-learn's zero_division=0) and a note says why.
+    The notes are the module's UndefinedMetricWarning messages; other warnings pass through.
     """
-    from sklearn.metrics import f1_score
+    import evaluate
 
-    p, y = _as_arrays(preds, labels)
-    note = None
-    if not (p == 1).any():
-        note = "no positive predictions: F1 is 0"
-    value = f1_score(y, p, pos_label=1, average="binary", zero_division=0.0)
-    return float(value), note
-
-
-def mcc(preds: Sequence[int], labels: Sequence[int]) -> MetricResult:
-    """Matthews correlation coefficient (CoLA). Constant predictions or references give 0.0."""
-    from sklearn.metrics import matthews_corrcoef
-
-    p, y = _as_arrays(preds, labels)
-    if np.unique(p).size < 2 or np.unique(y).size < 2:
-        side = "predictions" if np.unique(p).size < 2 else "labels"
-        return 0.0, f"constant {side}: Matthews correlation is undefined, reported as 0"
-    return float(matthews_corrcoef(y, p)), None
-
-
-def _correlation(fn: Callable, name: str, preds: Sequence[float], labels: Sequence[float]) -> MetricResult:
-    p, y = _as_arrays(preds, labels)
-    p, y = p.astype(np.float64), y.astype(np.float64)
-    if p.size < 2 or np.ptp(p) == 0 or np.ptp(y) == 0:
-        side = "predictions" if p.size < 2 or np.ptp(p) == 0 else "labels"
-        return 0.0, f"constant {side}: {name} correlation is undefined, reported as 0"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        value = float(fn(p, y)[0])
-    if math.isnan(value):
-        return 0.0, f"{name} correlation is undefined (NaN), reported as 0"
-    return value, None
-
-
-def pearson(preds: Sequence[float], labels: Sequence[float]) -> MetricResult:
-    """Pearson correlation (STS-B). Constant predictions or references give 0.0."""
-    from scipy.stats import pearsonr
-
-    return _correlation(pearsonr, "Pearson", preds, labels)
-
-
-def spearman(preds: Sequence[float], labels: Sequence[float]) -> MetricResult:
-    """Spearman rank correlation (STS-B headline). Constant predictions or references give 0.0."""
-    from scipy.stats import spearmanr
-
-    return _correlation(spearmanr, "Spearman", preds, labels)
-
-
-METRICS: dict[str, Callable[[Sequence, Sequence], MetricResult]] = {
-    "accuracy": accuracy,
-    "f1": f1,
-    "mcc": mcc,
-    "pearson": pearson,
-    "spearman": spearman,
-}
-
-
-def score(metric_names: Sequence[str], preds: Sequence, labels: Sequence) -> tuple[dict[str, float], list[str]]:
-    """Compute the named metrics in percent (GLUE-table scale), plus notes on edge cases."""
-    values: dict[str, float] = {}
-    notes: list[str] = []
-    for name in metric_names:
-        if name not in METRICS:
-            raise KeyError(f"unknown metric {name!r}; known: {', '.join(METRICS)}")
-        value, note = METRICS[name](preds, labels)
-        values[name] = 100.0 * value
-        if note:
-            notes.append(f"{name}: {note}")
-    return values, notes
+    # Loaded per call (about 15 ms once cached), so no metric state is shared between callers.
+    metric = evaluate.load(EVALUATE_MODULE, evaluate_config(spec), keep_in_memory=True)
+    # The class of the copy evaluate imported from its cache, not of cramming.glue.glue_metric.
+    undefined = sys.modules[type(metric).__module__].UndefinedMetricWarning
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = metric.compute(predictions=np.asarray(preds), references=np.asarray(labels))
+    notes = [str(w.message) for w in caught if issubclass(w.category, undefined)]
+    for w in caught:
+        if not issubclass(w.category, undefined):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return {name: 100.0 * result[EVALUATE_KEYS[name]] for name in spec.metrics}, notes
 
 
 def median(values: Sequence[float]) -> float:

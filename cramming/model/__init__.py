@@ -8,7 +8,6 @@ from cramming.model.bert import (
     CrammedBertForSequenceClassification,
     ModelConfig,
     count_parameters,
-    finetuning_config,
     training_flops_per_sequence,
 )
 from cramming.model.export import (
@@ -27,7 +26,6 @@ __all__ = [
     "ModelConfig",
     "build_model",
     "count_parameters",
-    "finetuning_config",
     "load_model",
     "load_tokenizer",
     "save_pretrained",

@@ -10,7 +10,6 @@ original BERT is an option, for the paper's ablations. Knows nothing of Hydra.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -111,11 +110,6 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
-
-
-def finetuning_config(config: ModelConfig, dropout: float = 0.1) -> ModelConfig:
-    """The same architecture with finetuning dropout (0.1 in the paper)."""
-    return dataclasses.replace(config, dropout=dropout)
 
 
 def make_norm(config: ModelConfig) -> nn.Module:
@@ -333,6 +327,13 @@ class MLMHead(nn.Module):
         return F.linear(self.transform(hidden), weight, self.bias)
 
 
+def target_rows(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of hidden [B, L, H] that are targets (labels [B, L] != -100) and their labels: [N, H], [N]."""
+    labels = labels.reshape(-1)
+    selected = labels != -100  # data-dependent shape: fine in eager, a graph break under compile
+    return hidden.reshape(-1, hidden.shape[-1])[selected], labels[selected]
+
+
 class CrammedBertForMLM(nn.Module):
     """Encoder + MLM head. Training scores only masked positions when `sparse_prediction` is on."""
 
@@ -381,9 +382,7 @@ class CrammedBertForMLM(nn.Module):
             return self._scored(hidden, labels)
         hidden = self.bert(input_ids, attention_mask, keep_tokens)  # [B, L, H]
         if labels is not None and sparse:
-            labels = labels.reshape(-1)
-            selected = labels != -100  # data-dependent shape: fine in eager, a graph break under compile
-            hidden, labels = hidden.reshape(-1, hidden.shape[-1])[selected], labels[selected]  # [N, H], [N]
+            hidden, labels = target_rows(hidden, labels)
         return self._scored(hidden, labels)
 
     def _scored(self, hidden: torch.Tensor, labels: torch.Tensor | None) -> dict[str, torch.Tensor | None]:

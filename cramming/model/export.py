@@ -43,6 +43,7 @@ from cramming.model.bert import (
     ModelConfig,
     Rotary,
     sinusoid_table,
+    target_rows,
 )
 
 MODEL_TYPE = "crammed-bert"
@@ -114,8 +115,29 @@ class CrammedBertPreTrainedModel(PreTrainedModel):
             hf_init.copy_(module.sin, fresh.sin)
 
 
+def target_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Positions [B, K] holding each row's targets (labels != -100) first, in order; K = most targets in a row.
+
+    Collators such as transformers' DataCollatorForLanguageModeling mask a varying number of
+    tokens per row; rows with fewer targets are filled up with other positions, whose -100
+    labels `target_rows` drops again.
+    """
+    is_target = (labels != -100).to(torch.int8)
+    most = int(is_target.sum(dim=1).max())  # a host sync, as the boolean gather after it needs anyway
+    return is_target.sort(dim=1, descending=True, stable=True).indices[:, :most]
+
+
 class CrammedBertHFForMaskedLM(CrammedBertPreTrainedModel):
-    """`CrammedBertForMLM` with transformers' loading, saving and pipelines; dense logits [B, L, V]."""
+    """`CrammedBertForMLM` with transformers' loading, saving, pipelines and `Trainer`.
+
+    `config.sparse_prediction` (on in the crammed recipe; configs exported before the field load
+    with it on) follows transformers' ModernBERT: in training mode with labels, only the target
+    positions (labels != -100) are computed by the last block and reach the head, and `logits` are
+    [N, V] for the N targets of the batch, in row-major order, the same values as the dense logits
+    at those positions. Without labels or in eval mode the logits are dense [B, L, V], so
+    `fill-mask` and evaluation with `compute_metrics` (logits aligned with labels) see what they
+    expect; the loss is the same either way.
+    """
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
@@ -131,13 +153,25 @@ class CrammedBertHFForMaskedLM(CrammedBertPreTrainedModel):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        num_items_in_batch: torch.Tensor | int | None = None,
         **kwargs: Any,
     ) -> MaskedLMOutput:
-        hidden = self.bert(input_ids, attention_mask)
-        logits = self.head(hidden, self.bert.embeddings.word_embeddings.weight)  # [B, L, V]
+        """input_ids [B, L]; labels [B, L] (-100 = not a target). Logits [N, V] (sparse) or [B, L, V].
+
+        `num_items_in_batch` (passed by `Trainer` under gradient accumulation) turns the loss into
+        the sum over this batch's targets divided by it, as transformers' own masked-LM loss does.
+        """
+        if labels is not None and self.training and self.config.sparse_prediction:
+            # The plain model's fixed-positions path: the last block computes only these rows.
+            positions = target_positions(labels)  # [B, K]
+            hidden = self.bert(input_ids, attention_mask, output_positions=positions)  # [B, K, H]
+            hidden, labels = target_rows(hidden, labels.gather(1, positions))  # [N, H], [N]
+        else:
+            hidden = self.bert(input_ids, attention_mask)  # [B, L, H]
+        logits = self.head(hidden, self.bert.embeddings.word_embeddings.weight)
         loss = None
         if labels is not None:
-            loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+            loss = self.loss_function(logits, labels, self.config.vocab_size, num_items_in_batch=num_items_in_batch)
         return MaskedLMOutput(loss=loss, logits=logits)
 
 

@@ -14,17 +14,19 @@ the budget.
 from __future__ import annotations
 
 import time
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
-BUDGET_KINDS = ("time", "tokens", "steps")
+BudgetKind = Literal["time", "tokens", "steps"]
 
 
 @dataclass
 class Budget:
     """Progress and stopping for one run (one per process; ranks agree via the trainer)."""
 
-    kind: str
+    kind: BudgetKind
     """`time`, `tokens` or `steps`."""
     total: float
     """Seconds, tokens or optimizer steps."""
@@ -38,8 +40,9 @@ class Budget:
     _final_cost_s: float = field(default=0.0, init=False)
 
     def __post_init__(self) -> None:
-        if self.kind not in BUDGET_KINDS:
-            raise ValueError(f"budget kind must be one of {', '.join(BUDGET_KINDS)}, got {self.kind!r}")
+        kinds = typing.get_args(BudgetKind)
+        if self.kind not in kinds:
+            raise ValueError(f"budget kind must be one of {', '.join(kinds)}, got {self.kind!r}")
         if not self.total > 0:
             raise ValueError(f"budget amount must be positive, got {self.total}")
         self._start = self.clock()

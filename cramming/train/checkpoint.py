@@ -1,4 +1,4 @@
-"""Atomic checkpoints of everything needed to continue a run, and the run-directory lock.
+"""Atomic checkpoints of everything needed to continue a run (the run lock is cramming.runs.RunLock).
 
 Layout under `<run_dir>/checkpoints/`:
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -30,9 +29,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
-from cramming.config import fault_point
-from cramming.errors import CheckpointError, CrammingError
+from cramming.errors import CheckpointError
+from cramming.faults import fault_point
 from cramming.fileio import fsync_dir, sha256_file, write_atomic
+from cramming.runs import pid_alive
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest.json"
@@ -148,7 +148,7 @@ def _prune(root: Path, keep: int, protect: str) -> None:
             shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob(".tmp-*"):  # leftovers of a process killed mid-write
         pid = stale.name.split("-")[-2] if stale.name.count("-") >= 3 else ""
-        if not (pid.isdigit() and _pid_alive(int(pid))):
+        if not (pid.isdigit() and pid_alive(int(pid))):
             shutil.rmtree(stale, ignore_errors=True)
 
 
@@ -186,73 +186,3 @@ def load_checkpoint(ckpt_dir: Path, model: torch.nn.Module) -> tuple[dict[str, A
     except Exception as err:  # an UnpicklingError for anything but tensors and plain values
         raise CheckpointError(f"cannot load {ckpt_dir / 'state.pt'} safely: {err}") from None
     return state, (ckpt_dir / "config.yaml").read_text()
-
-
-# ---------------------------------------------------------------------------------------------
-# The run-directory lock
-# ---------------------------------------------------------------------------------------------
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
-class RunLock:
-    """An exclusive lock on a run directory, so two runs never interleave writes into one folder.
-
-    The lock file holds the owner's host and PID. A lock left behind by a dead process on this host
-    is taken over; a live owner makes the second run fail with a message naming it.
-    """
-
-    def __init__(self, run_dir: Path) -> None:
-        self.path = Path(run_dir) / ".lock"
-        self.held = False
-
-    def acquire(self) -> RunLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = json.dumps({"pid": os.getpid(), "host": socket.gethostname()})
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                try:
-                    owner = json.loads(self.path.read_text())
-                    pid, host = int(owner["pid"]), owner["host"]
-                except (OSError, ValueError, KeyError, TypeError):
-                    pid, host = -1, socket.gethostname()  # unreadable: a writer died mid-write
-                if host != socket.gethostname():
-                    raise CrammingError(
-                        f"run directory {self.path.parent} is locked by pid {pid} on host {host}; "
-                        f"if that run is dead, delete {self.path}"
-                    ) from None
-                if pid != os.getpid() and _pid_alive(pid):
-                    raise CrammingError(
-                        f"run directory {self.path.parent} is in use by another run (pid {pid}); "
-                        f"wait for it to finish or choose another run_name"
-                    ) from None
-                self.path.unlink(missing_ok=True)  # stale: its owner is gone
-                continue
-            with os.fdopen(fd, "w") as handle:
-                handle.write(me)
-            self.held = True
-            return self
-        raise CrammingError(f"could not take the lock {self.path}; another process keeps recreating it")
-
-    def release(self) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
-
-    def __enter__(self) -> RunLock:
-        return self.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()

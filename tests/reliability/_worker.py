@@ -26,14 +26,19 @@ def main(argv: list[str]) -> int:
     command, payload = argv[0], json.loads(argv[1])
     try:
         if command == "prepare":
+            import logging
+
             from cramming.data.prepare import DataConfig, prepare
 
+            # INFO shows whether this process built the data or found it built ("cache hit").
+            logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stdout)
             print("prepared", prepare(DataConfig(**payload["data"]), payload["data_root"]), flush=True)
             return 0
         if command == "pretrain":
             from cramming.config import GpuProfile
             from cramming.model.bert import ModelConfig
-            from cramming.train.trainer import Interrupted, TrainConfig, pretrain
+            from cramming.train.config import TrainConfig
+            from cramming.train.loop import Interrupted, pretrain
 
             try:
                 final = pretrain(TrainConfig(**payload["train"]), ModelConfig(**{**TINY_ARCH, **payload.get("arch", {})}),

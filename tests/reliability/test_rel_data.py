@@ -1,25 +1,38 @@
-"""`cram data` under faults: SIGKILL at each write stage, disk full, corrupted outputs, hostile corpora."""
+"""`cram data` under faults: SIGKILL in every phase (the rerun continues), a killed worker, disk full,
+two builds of one config at once, corrupted outputs, hostile corpora."""
 
 from __future__ import annotations
 
 import errno
 import json
+import os
+import random
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_DATA, finish, flip_bit, truncate, worker
+from conftest import TINY_DATA, finish, flip_bit, truncate, wait_for, worker
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cramming.data.prepare import DataConfig, prepare, prepared_dir
+from cramming.data.prepare import EXECUTION_ONLY_FIELDS, PHASE_TIMINGS, DataConfig, prepare, prepared_dir
 from cramming.data.shards import PackedDataset, load_manifest
 from cramming.errors import DataError
 
-BEHAVIOUR_KILL = ("the folder is built under a temporary name and renamed only after manifest.json is written; "
-                  "the re-run removes the stale temporary folder and rebuilds; outputs verify (sha256) and equal "
-                  "an uninterrupted build row for row")
+BEHAVIOUR_KILL = ("the build runs in `<name>-<hash>.partial/` and commits its progress after every batch spooled or "
+                  "encoded and every shard written; the same command continues after the last committed unit (the "
+                  "tokenizer training and the ordering restart as a whole); output equals an uninterrupted build row "
+                  "for row (shards, tokenizer, manifest but its timings); no worker process outlives the build")
+
+# Small batches (an execution-only setting, outside the cache key) so that each phase has many
+# units of work, and two worker processes (the pools start after the first four batches).
+KILLED = {**TINY_DATA, "batch_docs": 20, "num_proc": 2}
+# The rerun: the same folder (num_proc is execution-only too), in this process to count its work.
+RERUN = {**KILLED, "num_proc": 1}
+PHASES = list(PHASE_TIMINGS)
+UNITS = {"spool": "batches", "tokenizer": "trainings", "encode": "batches", "order": "orderings", "shards": "shards"}
 
 
 def _rows(folder: Path) -> np.ndarray:
@@ -30,56 +43,171 @@ def _rows(folder: Path) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def _check_rebuild(root: Path, reference: Path) -> bool:
-    """After a killed build: nothing under root looks finished; a re-run completes and matches reference."""
-    cfg = DataConfig(**TINY_DATA)
-    final = prepared_dir(cfg, root)
-    assert not (final / "manifest.json").exists(), "a killed build left a folder that looks complete"
-    folder = prepare(cfg, root)
-    assert folder == final and not list(root.glob("*.tmp-*")), "stale temporary folders remain"
+def _comparable(manifest: dict) -> dict:
+    """A manifest without what may differ between builds of the same data: timings, execution settings."""
+    out = {k: v for k, v in manifest.items() if k not in ("timings_s", "created", "manifest_sha256")}
+    out["data_config"] = {k: v for k, v in out["data_config"].items() if k not in EXECUTION_ONLY_FIELDS}
+    return out
+
+
+def _assert_same_build(folder: Path, reference: Path) -> None:
     np.testing.assert_array_equal(_rows(folder), _rows(reference))
     assert (folder / "tokenizer.json").read_bytes() == (reference / "tokenizer.json").read_bytes()
-    return True
+    assert _comparable(load_manifest(folder)) == _comparable(load_manifest(reference))
+    assert not [p.name for p in folder.parent.iterdir() if p != folder], "partial folders or lock files remain"
 
 
-# Smaller tokenizer batches (an execution-only setting, outside the cache key) so that tokenization
-# passes several fault points; the output must still equal the reference build exactly.
-KILLED = {**TINY_DATA, "batch_docs": 100}
+def _session(sid: int) -> list[int]:
+    """Processes of session `sid` (the killed build and its workers ran in one)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid:
+            found.append(int(stat.parent.name))
+    return found
 
+
+def _killed_build(root: Path, fault: str) -> tuple[int, str]:
+    """Run `prepare` of KILLED in a child with `fault`; wait until no process of its session is left."""
+    proc = worker("prepare", {"data_root": str(root), "data": KILLED}, fault=fault)
+    code, out = finish(proc)
+    wait_for(lambda: not _session(proc.pid), timeout=20, what="the killed build's worker processes to exit")
+    return code, out
+
+
+class UnitCounter(Counter):
+    """Units of work each phase does in this process (batches normalised or encoded, tokenizer
+    trainings, orderings, shards opened)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        super().__init__()
+        from cramming.data import order, pack, shards, spool, tokenizer
+
+        for module, name, phase in ((spool, "_normalize", "spool"), (tokenizer, "train_tokenizer", "tokenizer"),
+                                    (pack, "_encode", "encode"), (order, "order_train", "order"),
+                                    (shards.ShardWriter, "_open", "shards")):
+            monkeypatch.setattr(module, name, self._counting(getattr(module, name), phase))
+
+    def _counting(self, fn, phase: str):
+        def counted(*args, **kwargs):
+            self[phase] += 1
+            return fn(*args, **kwargs)
+
+        return counted
+
+
+@pytest.fixture(scope="module")
+def full_units(tmp_path_factory) -> Counter:
+    """The units of work of an uninterrupted build of RERUN."""
+    with pytest.MonkeyPatch.context() as mp:
+        units = UnitCounter(mp)
+        prepare(DataConfig(**RERUN), tmp_path_factory.mktemp("full"))
+    return Counter(units)
+
+
+# point -> (what the row says, the phase it interrupts, units of that phase the killed run finished
+# (None: the phase restarts as a whole)).
 POINTS = {
-    "data.tokenize:2": "during tokenization (2nd encoded batch)",
-    "data.shard_write:3": "while writing a shard (3rd write)",
-    "data.manifest": "half-way through writing manifest.json",
-    "data.rename": "after manifest.json, before the folder rename",
+    "data.spool:6": ("while spooling documents (6th batch)", "spool", 6),
+    "data.tokenizer:20": ("during tokenizer training", "tokenizer", None),
+    "data.tokenize:7": ("during tokenization (7th encoded batch)", "encode", 7),
+    "data.order": ("while ordering the rows", "order", None),
+    "data.shard_write:3": ("while writing a shard (3rd write)", "shards", 2),
+    "data.manifest": ("half-way through writing manifest.json", None, None),
+    "data.rename": ("after manifest.json, before the folder rename", None, None),
 }
 
 
 @pytest.mark.parametrize("point", list(POINTS))
-def test_sigkill_at_fault_point_then_rerun(point, tiny_data, tmp_path, outcome) -> None:
+def test_sigkill_in_each_phase_then_rerun_continues(point, tiny_data, full_units, tmp_path, monkeypatch,
+                                                     outcome) -> None:
+    what, phase, finished = POINTS[point]
     root = tmp_path / "data"
-    code, out = finish(worker("prepare", {"data_root": str(root), "data": KILLED}, fault=point))
+    code, out = _killed_build(root, point)
     assert code == -9, f"the fault point {point} was not reached:\n{out}"
-    ok = _check_rebuild(root, tiny_data)
-    outcome.add(f"SIGKILL of `cram data` {POINTS[point].split(' (')[0]}",
-                f"CRAMMING_FAULT={point} (the process SIGKILLs itself there)", BEHAVIOUR_KILL, ok,
-                unit="rows", detail="re-run output identical to an uninterrupted build")
+    final = prepared_dir(DataConfig(**KILLED), root)
+    assert not (final / "manifest.json").exists(), "a killed build left a folder that looks complete"
+    assert final.with_name(final.name + ".partial").is_dir(), "the killed build's progress was not kept"
+    units = UnitCounter(monkeypatch)
+    assert prepare(DataConfig(**RERUN), root) == final
+    _assert_same_build(final, tiny_data)
+    cut = PHASES.index(phase) if phase else len(PHASES)
+    assert all(units[p] == 0 for p in PHASES[:cut]), f"finished phases were redone: {dict(units)}"
+    assert all(units[p] == full_units[p] for p in PHASES[cut + 1:]), (dict(units), dict(full_units))
+    if phase is None:
+        lost, unit = 0, "units"
+    elif finished is None:  # the phase restarts: what the killed run did of it is lost
+        lost, unit = units[phase], UNITS[phase]
+        assert units[phase] == full_units[phase]
+    else:  # units redone that the killed run had finished
+        lost, unit = units[phase] - (full_units[phase] - finished), UNITS[phase]
+    outcome.add(f"SIGKILL of `cram data` {what.split(' (')[0]}", f"CRAMMING_FAULT={point} (the process SIGKILLs "
+                "itself there; two worker processes)", BEHAVIOUR_KILL, True, lost=lost, unit=unit, bound=1,
+                detail=f"{point}: the rerun did {dict(units) or 'no phase work'} of {dict(full_units)} units")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("seed", [1, 2, 9, 12, 17])  # draws that land in five different phases
 def test_sigkill_at_random_moment_then_rerun(seed, tiny_data, tmp_path, outcome) -> None:
-    """Kill at the k-th fault point of any kind, k drawn from the seed: tokenize, shard or manifest writes."""
-    import random
-
-    # A clean build passes ~6 tokenize points, ~6 shard writes and 2 manifest points.
-    k = random.Random(seed).randint(1, 13)
+    """Kill at the k-th fault point of any kind, k drawn from the seed: any phase, any unit."""
+    # A clean build passes ~15 spool, ~30 tokenizer, ~15 tokenize, 1 order, ~6 shard and 2 manifest points.
+    k = random.Random(seed).randint(1, 68)
     root = tmp_path / "data"
-    code, out = finish(worker("prepare", {"data_root": str(root), "data": KILLED}, fault=f"*:{k}"))
+    code, out = _killed_build(root, f"*:{k}")
     assert code in (-9, 0), out
-    ok = _check_rebuild(root, tiny_data)
-    outcome.add("SIGKILL of `cram data` at a random write point", "CRAMMING_FAULT=*:k, k drawn from the seed "
-                "(the k-th tokenize/shard/manifest point)", BEHAVIOUR_KILL, ok, unit="rows",
-                detail=f"seed {seed}: k={k}, {'killed' if code == -9 else 'finished before k'}")
+    progress = sorted((root / (prepared_dir(DataConfig(**KILLED), root).name + ".partial")).glob("progress.json"))
+    phases = json.loads(progress[0].read_text())["phases"] if progress else {}
+    interrupted = next((p for p in PHASES if not phases.get(p, {}).get("done")), "manifest/rename")
+    prepare(DataConfig(**RERUN), root)
+    _assert_same_build(prepared_dir(DataConfig(**KILLED), root), tiny_data)
+    outcome.add("SIGKILL of `cram data` at a random point", "CRAMMING_FAULT=*:k, k drawn from the seed (the k-th "
+                "spool/tokenizer/tokenize/order/shard/manifest point)", BEHAVIOUR_KILL, True, unit="units",
+                detail=f"seed {seed}: k={k}, {'killed in ' + interrupted if code == -9 else 'finished before k'}")
+
+
+def test_killed_worker_process_then_rerun(tiny_data, full_units, tmp_path, monkeypatch, outcome) -> None:
+    root = tmp_path / "data"
+    code, out = _killed_build(root, "data.worker:2")  # each encoding worker dies at its 2nd batch
+    assert code == 2, out
+    assert "worker process ended abruptly" in out and "progress is kept in" in out and "Traceback" not in out, out
+    units = UnitCounter(monkeypatch)
+    prepare(DataConfig(**RERUN), root)
+    _assert_same_build(prepared_dir(DataConfig(**KILLED), root), tiny_data)
+    assert units["spool"] == units["tokenizer"] == 0 and 0 < units["encode"] < full_units["encode"], dict(units)
+    outcome.add("SIGKILL of a `cram data` worker process (as by the OOM killer)", "CRAMMING_FAULT=data.worker:2 "
+                "(each encoding worker SIGKILLs itself at its 2nd batch)", "the build stops with exit 2: 'a worker "
+                "process ended abruptly ... lower data.num_proc'; its progress is kept and the rerun continues "
+                "encoding after the last committed batch; output equals an uninterrupted build", True, unit="batches",
+                detail=f"the rerun encoded {units['encode']} of {full_units['encode']} batches")
+
+
+def test_two_builds_of_one_config_at_once_build_it_once(tiny_data, tmp_path, outcome) -> None:
+    from cramming.data.workdir import BuildLock
+
+    root = tmp_path / "data"
+    root.mkdir()
+    final = prepared_dir(DataConfig(**KILLED), root)
+    lock = final.with_name(final.name + ".lock")
+    with BuildLock(lock):  # held here until both builds wait for it: then they race for it
+        procs = [worker("prepare", {"data_root": str(root), "data": KILLED}) for _ in range(2)]
+        inode = str(os.stat(lock).st_ino)
+        wait_for(lambda: sum("->" in line and line.split()[-3].endswith(f":{inode}")
+                             for line in Path("/proc/locks").read_text().splitlines()) == 2,
+                 timeout=60, what="both builds to wait for the lock")
+    results = [finish(p) for p in procs]
+    assert [code for code, _ in results] == [0, 0], results
+    outs = [out for _, out in results]
+    built = [o for o in outs if "prepared " + str(final) in o and "cache hit" not in o]
+    reused = [o for o in outs if "prepared by another process meanwhile" in o]
+    assert len(built) == 1 and len(reused) == 1, outs
+    _assert_same_build(final, tiny_data)
+    outcome.add("Two `cram data` of one config at once (a sweep starting together)", "two builds started while a "
+                "third process holds `<name>-<hash>.lock`, then released", "flock on the lock file: one builds, the "
+                "other waits ('waiting for pid N, which is preparing the same data') and then reuses the folder",
+                True, detail="one build, one cache hit after waiting")
 
 
 def _enospc_after(limit: int):
@@ -115,21 +243,25 @@ def _enospc_after(limit: int):
     return fake_open
 
 
-def test_disk_full_while_writing_a_shard(tmp_path, monkeypatch, outcome) -> None:
+def test_disk_full_while_writing_a_shard(tiny_data, tmp_path, monkeypatch, outcome) -> None:
     import cramming.data.shards as shards
 
     root = tmp_path / "data"
-    monkeypatch.setattr(shards, "open", _enospc_after(20_000), raising=False)
-    with pytest.raises(DataError) as err:
-        prepare(DataConfig(**TINY_DATA), root)
+    with monkeypatch.context() as patched:
+        patched.setattr(shards, "open", _enospc_after(20_000), raising=False)
+        with pytest.raises(DataError) as err:
+            prepare(DataConfig(**RERUN), root)
     msg = str(err.value)
-    assert "No space left on device" in msg and "nothing was kept" in msg, msg
-    assert not list(root.iterdir()), "a partial folder was left behind"
-    monkeypatch.undo()
-    ok = (prepare(DataConfig(**TINY_DATA), root) / "manifest.json").is_file()
+    assert "No space left on device" in msg and "is kept in" in msg and "run the same command again" in msg, msg
+    units = UnitCounter(monkeypatch)
+    prepare(DataConfig(**RERUN), root)
+    _assert_same_build(prepared_dir(DataConfig(**RERUN), root), tiny_data)
+    assert [units[p] for p in PHASES[:-1]] == [0, 0, 0, 0], dict(units)
     outcome.add("Disk full while writing a shard", "the shard writer's file raises OSError(ENOSPC) after 20 kB",
-                "DataError 'writing <tmp folder> failed: No space left on device ... nothing was kept'; the "
-                "partial folder is removed; the next run builds it", ok, unit="rows")
+                "DataError 'writing <partial folder> failed: No space left on device ... the finished part of the build "
+                "(N MB) is kept ... run the same command again to continue'; the rerun continues with the shards "
+                "(nothing before them is redone) and equals an uninterrupted build", True, unit="shards", bound=1,
+                detail=f"the rerun wrote {units['shards']} shards and redid no other phase")
 
 
 CORRUPTIONS = {

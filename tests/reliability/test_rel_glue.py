@@ -93,6 +93,32 @@ def test_sigkill_then_rerun_completes(point, what, glue_setup, uninterrupted, tm
                 detail=f"{len(kept)} finished trial(s) kept as they were")
 
 
+@pytest.mark.slow  # three `cram glue` processes, ~30 s
+def test_sigkill_mid_side_by_side_group_then_rerun_completes(glue_setup, tmp_path_factory, tmp_path, outcome) -> None:
+    """Side-by-side trials reach results.json together when their group ends: a kill mid-group loses
+    the group, and the rerun redoes it with the same seeds, so the same dropout masks and results."""
+    side = {**glue_setup, "args": [*glue_setup["args"], "glue.parallel_trials=true"]}
+    ref_out = tmp_path_factory.mktemp("gluesbs")
+    code, log = _glue(side, ref_out, "ref")
+    assert code == 0, log
+    reference = _results(ref_out, "ref")
+    # 4 stacked steps per epoch x 2 epochs: step 5 is in the group's second epoch.
+    code, log = _glue(side, tmp_path, "r", fault="glue.trial:5")
+    assert code == -9, log
+    path = tmp_path / "glue" / "r" / "results.json"
+    assert not path.exists() or not json.loads(path.read_text())["tasks"].get("toy", {}).get("trials")
+    code, log = _glue(side, tmp_path, "r")
+    assert code == 0, log
+    after = _results(tmp_path, "r")
+    modes = {t["mode"] for t in after["tasks"]["toy"]["trials"]}
+    ok = after["status"] == "complete" and modes == {"side-by-side"} and _metrics(after) == _metrics(reference)
+    outcome.add("SIGKILL of `cram glue` mid side-by-side group", "CRAMMING_FAULT=glue.trial:5, glue.parallel_trials=true",
+                "the group's trials are written together when it ends; the re-run redoes the interrupted group with "
+                "the same seeds; final metrics equal an uninterrupted side-by-side run", ok,
+                lost=3.0, unit="trial", bound=3.0, detail="a group of 3 trials side by side, lost whole and redone")
+    assert ok, (modes, _metrics(after), _metrics(reference))
+
+
 def test_second_glue_run_on_same_folder_refuses(glue_setup, tmp_path, outcome) -> None:
     run_dir = tmp_path / "glue" / "r"
     run_dir.mkdir(parents=True)

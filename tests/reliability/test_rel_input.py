@@ -36,7 +36,7 @@ def _dataclasses() -> list[tuple[str, type]]:
     from cramming.data.prepare import DataConfig
     from cramming.glue import GlueConfig
     from cramming.model.bert import ModelConfig
-    from cramming.train.trainer import TrainConfig
+    from cramming.train.config import TrainConfig
 
     return [("train", TrainConfig), ("data", DataConfig), ("arch", ModelConfig), ("glue", GlueConfig), ("gpu", GpuProfile)]
 

@@ -1,0 +1,166 @@
+"""The pretraining recipe as typed dataclasses: `train.*` of the composed config.
+
+`cramming.config.to_dataclass` builds these from Hydra's config (rejecting unknown keys and
+wrongly typed values); `__post_init__` checks the values, so a recipe built in Python is checked
+the same way. Choices come from the `Literal` types of the modules that implement them.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from cramming.errors import ConfigError
+from cramming.optim.schedules import LrSchedule
+from cramming.train.budget import BudgetKind
+
+
+def _choice(key: str, value: str, choices: Any) -> tuple[bool, str]:
+    """A validation entry: `value` is one of the `Literal` type `choices`."""
+    names = typing.get_args(choices)
+    return value in names, f"train.{key} must be one of {', '.join(names)}, got {value!r}"
+
+
+@dataclass
+class RandomLTDConfig:
+    """random-LTD (Yao et al., 2022): layerwise random token dropping with MSLG."""
+
+    enabled: bool = False
+    """Drop tokens in the middle layers (all but the first and last) during pretraining."""
+    start_keep: int = 64
+    """Tokens kept per sequence at the start (of seq_len)."""
+    full_at_fraction: float = 0.7
+    """Fraction of the budget at which the kept length reaches the full sequence (MSLG end)."""
+    granularity: int = 16
+    """The kept length grows in steps of this many tokens."""
+    layer_token_lr: bool = True
+    """Drive the LR schedule by layer-tokens consumed instead of by progress (LayerToken LR)."""
+
+    def __post_init__(self) -> None:
+        if self.start_keep < 1:
+            raise ConfigError(f"train.random_ltd.start_keep must be >= 1, got {self.start_keep}")
+        if not 0.0 < self.full_at_fraction <= 1.0:
+            raise ConfigError(f"train.random_ltd.full_at_fraction must be in (0, 1], got {self.full_at_fraction}")
+        if self.granularity < 1:
+            raise ConfigError(f"train.random_ltd.granularity must be >= 1, got {self.granularity}")
+
+
+@dataclass
+class TrainConfig:
+    """The pretraining recipe: optimizer, schedules, masking, budget kind, logging and checkpoints."""
+
+    name: str = "cramming"
+    """Recipe name (a file in configs/train/)."""
+    # --- optimizer -----------------------------------------------------------------------------
+    lr: float = 1e-3
+    """Peak learning rate."""
+    betas: tuple[float, float] = (0.9, 0.98)
+    """AdamW betas (0.98 for stability at large batch, RoBERTa/Cramming)."""
+    eps: float = 1e-12
+    """AdamW epsilon."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay."""
+    decay_norms_biases_embeddings: bool = False
+    """Also decay norm weights, biases (any 1-D parameter) and embedding tables (off in the recipe)."""
+    fused: bool | None = None
+    """Fused AdamW kernel: null = on CUDA and CPU (where torch has one), true/false to force."""
+    grad_clip: float = 0.5
+    """Clip the global gradient norm to this value (0 = no clipping)."""
+    # --- schedules -----------------------------------------------------------------------------
+    lr_schedule: LrSchedule = "one-cycle"
+    """one-cycle (triangle) | linear (warmup + linear decay) | cosine | constant; all of progress."""
+    warmup_fraction: float = 0.5
+    """Fraction of the budget at which the LR peaks (one-cycle: 0.5, the symmetric triangle)."""
+    target_batch_size: int | None = None
+    """Sequences per optimizer step after the ramp; null = the GPU profile's target_batch_size."""
+    ramp_fraction: float = 0.6
+    """The batch grows linearly from one micro-batch to the target over this fraction (0 = no ramp)."""
+    final_batch_size: int | None = None
+    """A larger batch for the last `final_batch_fraction` of the budget (null = none)."""
+    final_batch_fraction: float = 0.0
+    """Share of the budget, at the end, that uses `final_batch_size`."""
+    # --- masking -------------------------------------------------------------------------------
+    mask_rate: float = 0.25
+    """Share of tokens that are MLM targets."""
+    replace_mask: float = 0.8
+    """Of the targets, share replaced by [MASK]."""
+    replace_random: float = 0.1
+    """Of the targets, share replaced by a random token (the rest stay unchanged)."""
+    fixed_count: bool = True
+    """Exactly round(mask_rate * seq_len) targets per row: static shapes for sparse prediction/compile."""
+    # --- budget --------------------------------------------------------------------------------
+    budget_kind: BudgetKind = "time"
+    """time (the top-level `budget`) | tokens (`budget_tokens`) | steps (`budget_steps`)."""
+    budget_tokens: int | None = None
+    """Token budget (sequences x seq_len over all ranks) when budget_kind=tokens."""
+    budget_steps: int | None = None
+    """Optimizer-step budget when budget_kind=steps."""
+    reserve_margin_s: float = 2.0
+    """Seconds kept free before a time deadline on top of the measured cost of the final save."""
+    # --- random-LTD ----------------------------------------------------------------------------
+    random_ltd: RandomLTDConfig = field(default_factory=RandomLTDConfig)
+    """Layerwise token dropping (off in the cramming recipe)."""
+    # --- robustness, logging, evaluation ---------------------------------------------------------
+    max_nonfinite_steps: int = 25
+    """Stop (with a checkpoint) after this many non-finite steps in a row."""
+    checkpoint_interval_minutes: float = 30.0
+    """Minutes of budget between resume checkpoints (0 = only at the start and the end)."""
+    keep_checkpoints: int = 2
+    """Complete checkpoints kept on disk (older ones are deleted)."""
+    log_interval: int = 20
+    """Optimizer steps between metric records (the only host syncs besides the step guard)."""
+    log_interval_s: float = 30.0
+    """Also write a metric record when this many seconds passed since the last one, so slow steps
+    (a CPU, a large accumulated batch) still give a loss curve; 0 disables."""
+    eval_interval_minutes: float = 0.0
+    """Minutes between held-out MLM evaluations during training (0 = at the start and end only)."""
+    eval_batches: int = 16
+    """Micro-batches of the val split per evaluation (fixed masks, the same each time)."""
+    eval_mask_rate: float | None = None
+    """Masking rate of the held-out evaluation; null = mask_rate. Set it equal to compare recipes
+    that train with different rates (the loss depends on how much context is masked)."""
+    seed: int | None = None
+    """Seed for init, data order and masks; null = the top-level `seed`."""
+    shuffle: bool = False
+    """Shuffle the training rows each epoch; off keeps the prepared order (the prevalence sort)."""
+    tensorboard: bool = False
+    """Also write TensorBoard scalars to <run_dir>/tb (needs the tensorboard package)."""
+    compile_fallback: bool = True
+    """If torch.compile fails on the first batch, continue in eager mode instead of stopping."""
+    prepare_data: bool = True
+    """Prepare (and cache) the data as `cram data` would when its prepared folder is missing, before
+    the budget clock starts; false stops with the `cram data ...` command to run instead."""
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
+        checks = [
+            (self.lr > 0, f"train.lr must be > 0, got {self.lr}"),
+            (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"train.betas must be two values in [0, 1), got {self.betas}"),
+            (self.eps > 0, f"train.eps must be > 0, got {self.eps}"),
+            (self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}"),
+            (self.grad_clip >= 0, f"train.grad_clip must be >= 0, got {self.grad_clip}"),
+            _choice("lr_schedule", self.lr_schedule, LrSchedule),
+            (0 <= self.warmup_fraction <= 1, f"train.warmup_fraction must be in [0, 1], got {self.warmup_fraction}"),
+            (self.target_batch_size is None or self.target_batch_size >= 1, "train.target_batch_size must be >= 1"),
+            (0 <= self.ramp_fraction <= 1, f"train.ramp_fraction must be in [0, 1], got {self.ramp_fraction}"),
+            (0 <= self.final_batch_fraction <= 1, f"train.final_batch_fraction must be in [0, 1], got {self.final_batch_fraction}"),
+            (0 < self.mask_rate < 1, f"train.mask_rate must be in (0, 1), got {self.mask_rate}"),
+            (self.replace_mask >= 0 and self.replace_random >= 0 and self.replace_mask + self.replace_random <= 1,
+             "train.replace_mask + train.replace_random must be within [0, 1]"),
+            _choice("budget_kind", self.budget_kind, BudgetKind),
+            (self.budget_kind != "tokens" or (self.budget_tokens or 0) > 0, "train.budget_kind=tokens needs train.budget_tokens > 0"),
+            (self.budget_kind != "steps" or (self.budget_steps or 0) > 0, "train.budget_kind=steps needs train.budget_steps > 0"),
+            (self.reserve_margin_s >= 0, "train.reserve_margin_s must be >= 0"),
+            (self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps must be >= 1"),
+            (self.checkpoint_interval_minutes >= 0, "train.checkpoint_interval_minutes must be >= 0"),
+            (self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
+            (self.log_interval >= 1, "train.log_interval must be >= 1"),
+            (self.log_interval_s >= 0, "train.log_interval_s must be >= 0"),
+            (self.eval_interval_minutes >= 0, "train.eval_interval_minutes must be >= 0"),
+            (self.eval_batches >= 1, "train.eval_batches must be >= 1"),
+            (self.eval_mask_rate is None or 0 < self.eval_mask_rate < 1, "train.eval_mask_rate must be in (0, 1) or null"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
