@@ -31,7 +31,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -41,6 +40,7 @@ from typing import Any
 import torch
 import yaml
 
+from cramming.benchtools import arch_config, cpu_name
 from cramming.config import CONFIG_DIR
 from cramming.model.bert import CrammedBertForMLM, ModelConfig, count_parameters, training_flops_per_sequence
 
@@ -52,20 +52,6 @@ EXPORT = "CrammedBertHFForMaskedLM (export)"
 def _yaml(path: Path) -> dict[str, Any]:
     # Plain YAML (no OmegaConf) so the bench runs where only torch and transformers are installed.
     return yaml.safe_load(path.read_text()) or {}
-
-
-def arch_config(args: argparse.Namespace) -> ModelConfig:
-    path = CONFIGS / "arch" / f"{args.arch}.yaml"
-    if not path.is_file():
-        names = sorted(p.stem for p in (CONFIGS / "arch").glob("*.yaml"))
-        raise SystemExit(f"unknown --arch {args.arch!r}; choose one of: {', '.join(names)}")
-    cfg = ModelConfig(**_yaml(path))
-    overrides = {"hidden_size": args.hidden, "num_layers": args.layers, "num_heads": args.heads,
-                 "intermediate_size": args.intermediate, "vocab_size": args.vocab}
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    if args.hidden is not None and args.intermediate is None:
-        overrides["intermediate_size"] = 4 * args.hidden  # keep BERT's 4x ratio when only the width changes
-    return dataclasses.replace(cfg, max_seq_len=max(cfg.max_seq_len, args.seq_len), **overrides)
 
 
 def baseline_model(cfg: ModelConfig, seq_len: int, dropout: float) -> torch.nn.Module:
@@ -229,15 +215,6 @@ def _cpu_peak_rss() -> int:
     return _proc_status_bytes("VmHWM") or 0
 
 
-def _cpu_name() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo), else the machine type."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()}, {platform.machine()}"
-    return platform.processor() or platform.machine()
-
-
 def _quartiles(values: list[float]) -> tuple[float, float]:
     if len(values) < 2:
         return values[0], values[0]
@@ -310,7 +287,7 @@ def bench_model(args: argparse.Namespace) -> dict[str, Any]:
         torch.cuda.set_per_process_memory_fraction(args.memory_fraction, torch.cuda.current_device())
     args.batch_size = args.batch_size or 16
 
-    cfg = arch_config(args)
+    cfg = arch_config(ModelConfig, args)
     num_masked = max(1, round(args.mask_fraction * args.seq_len))
     torch.manual_seed(0)
     specs = [("crammed-bert" if args.arch == "crammed-bert" else args.arch, "ours")]
@@ -366,7 +343,7 @@ def bench_model(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "command": "cram bench " + " ".join(args.argv),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({_cpu_name()}, {torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({cpu_name()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__, "precision": args.precision, "compile": args.compile,
         "batch_size": args.batch_size, "seq_len": args.seq_len, "num_masked": num_masked,
         "arch": dataclasses.asdict(cfg), "peak_tflops": peak, "emulate": emulated,

@@ -34,8 +34,10 @@ def _pretrain(cfg: Any) -> None:
 
 def _glue(cfg: Any) -> None:
     from cramming.glue.finetune import run
+    from cramming.report import write_glue_tables
 
-    run(cfg)
+    # The stage writes the results file; its tables (results.md) are the report's to render.
+    write_glue_tables(run(cfg))
 
 
 def _report(argv: list[str]) -> int:

@@ -20,6 +20,7 @@ import pytest
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
+from cramming import runs
 from cramming.glue import CustomTaskConfig
 from cramming.glue import metrics as M
 from cramming.glue.glue_metric import CONFIG_METRICS
@@ -286,8 +287,10 @@ def test_glue_average_matches_the_published_reference_row():
         "qnli": {"accuracy": 90.2}, "sst2": {"accuracy": 92.0}, "cola": {"mcc": 53.3, "accuracy": 80.0},
         "stsb": {"spearman": 87.4, "pearson": 88.0}, "mrpc": {"f1": 88.9, "accuracy": 85.0}, "rte": {"accuracy": 58.5},
     }
-    columns = M.glue_columns(medians)
-    assert list(columns) == ["MNLI-m", "MNLI-mm", "QQP", "QNLI", "SST-2", "CoLA", "STS-B", "MRPC", "RTE"]
-    assert round(M.glue_average(columns), 1) == 80.7
+    glue = runs.glue_block(medians)
+    assert list(glue["columns"]) == ["MNLI-m", "MNLI-mm", "QQP", "QNLI", "SST-2", "CoLA", "STS-B", "MRPC", "RTE"]
+    assert round(glue["average"], 1) == 80.7
     del medians["rte"]
-    assert M.glue_average(M.glue_columns(medians)) is None  # a partial mean is not a GLUE score
+    partial = runs.glue_block(medians)
+    assert partial["average"] is None  # a partial mean is not a GLUE score
+    assert partial["mean_of_columns_run"] == pytest.approx((84.1 + 84.6 + 87.5 + 90.2 + 92.0 + 53.3 + 87.4 + 88.9) / 8)

@@ -16,6 +16,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from cramming import runs
 from cramming.config import GpuProfile
 from cramming.glue import GlueConfig
 from cramming.glue import finetune as F
@@ -208,7 +209,7 @@ def test_cram_glue_side_by_side_then_resume_and_fallback(ckpt, tmp_path, monkeyp
         trials = F.run_glue(more, source, tmp_path, bf16)["tasks"]["rte"]["trials"]
     assert "do not fit in CPU memory" in caplog.text and "running them one after another" in caplog.text
     assert trials[:2] == first and [t["mode"] for t in trials[2:]] == ["sequential", "sequential"]
-    saved = json.loads((tmp_path / "results.json").read_text())
+    saved = runs.read_results(tmp_path)
     assert [t["seed"] for t in saved["tasks"]["rte"]["trials"]] == [0, 1, 2, 3]
 
 

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from cramming import runs
 from cramming.cli import main as cram_main
+from cramming.report import write_glue_tables
 
 REPO = Path(__file__).resolve().parents[1]
 # RTE, MRPC and STS-B in the official GLUE layout: the subsets the project ships (real rows), so that
@@ -73,7 +75,7 @@ def cram_glue(tmp: Path, *overrides: str, monkeypatch, gpu: str = "cpu") -> int:
 
 
 def _results(tmp: Path, run: str) -> dict:
-    return json.loads((tmp / "glue" / run / "results.json").read_text())
+    return runs.read_results(tmp / "glue" / run)
 
 
 QUICK = ["glue.epochs=1", "glue.max_train_examples=32", "glue.max_eval_examples=16"]
@@ -93,7 +95,7 @@ def test_cram_glue_console_script(ckpt, tmp_path):
     assert "mrpc trial 2/2 (seed 1) epoch 1/1: train_loss" in out.stdout + out.stderr
     res = _results(tmp_path, "e2e")
     assert res["status"] == "complete" and set(res["tasks"]["mrpc"]["median"]) == {"f1", "accuracy"}
-    assert (tmp_path / "glue" / "e2e" / "results.md").is_file()
+    assert (tmp_path / "glue" / "e2e" / runs.RESULTS_MD).is_file()  # rendered by the CLI after the stage
 
 
 def test_cram_glue_end_to_end_rte_mrpc(ckpt, tmp_path, monkeypatch, capsys):
@@ -102,7 +104,7 @@ def test_cram_glue_end_to_end_rte_mrpc(ckpt, tmp_path, monkeypatch, capsys):
     assert "rte trial 1/2 (seed 0) epoch 1/1: train_loss" in logs and "mrpc trial 2/2 (seed 1) epoch 1/1" in logs
 
     run = tmp_path / "glue" / "e2e"
-    res = json.loads((run / "results.json").read_text())
+    res = runs.read_results(run)
     assert res["status"] == "complete"
     assert res["checkpoint"]["sha256"] == hashlib.sha256((ckpt / "model.safetensors").read_bytes()).hexdigest()
     assert res["config"]["batch_size"] == 16 and res["config"]["lr"] == 4e-5 and res["config"]["trials"] == 2
@@ -120,7 +122,9 @@ def test_cram_glue_end_to_end_rte_mrpc(ckpt, tmp_path, monkeypatch, capsys):
     assert res["glue"]["columns"]["MRPC"] == res["tasks"]["mrpc"]["median"]["f1"]
     assert res["glue"]["columns"]["CoLA"] is None and res["glue"]["average"] is None
 
-    md = (run / "results.md").read_text()
+    # The CLI renders the tables after the stage; the same rendering from the results file alone.
+    assert (run / runs.RESULTS_MD).is_file()
+    md = write_glue_tables(run).read_text()
     assert "| measured: " in md and md.count("| published: ") == 3
     assert "| 84.1 | 84.6 | 87.5 | 90.2 | 92.0 | 53.3 | 87.4 | 88.9 | 58.5 | 80.7 |" in md
     assert f"{res['glue']['columns']['MRPC']:.1f} | {res['glue']['columns']['RTE']:.1f} |" in md
@@ -143,7 +147,7 @@ def test_custom_tsv_task_and_export(ckpt, tmp_path, monkeypatch):
     assert entry["custom"] and entry["headline"] == ["mcc"] and set(entry["median"]) == {"mcc", "accuracy", "f1"}
     assert entry["examples"] == {"train": 32, "dev": 16}
     assert all(v is None for v in res["glue"]["columns"].values())
-    assert "### uci (custom)" in (tmp_path / "glue" / "custom" / "results.md").read_text()
+    assert "### uci (custom)" in write_glue_tables(tmp_path / "glue" / "custom").read_text()
 
     from cramming.model import load_model
 
@@ -224,7 +228,7 @@ def test_errors_before_training(ckpt, tmp_path, monkeypatch, capsys):
                      monkeypatch=monkeypatch) == 2
     assert "lacks QNLI/train.tsv" in capsys.readouterr().err
     # Nothing was trained: no results were written by any of these runs.
-    assert not list(tmp_path.glob("glue/*/results.json"))
+    assert not list(tmp_path.glob(f"glue/*/{runs.RESULTS_FILE}"))
 
 
 def test_mnli_matched_mismatched_and_stsb_regression(ckpt, tmp_path, monkeypatch):

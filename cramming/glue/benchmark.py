@@ -41,11 +41,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from cramming.benchtools import arch_config, cpu_name
 from cramming.config import GpuProfile
 from cramming.glue import GlueConfig
 from cramming.glue.batching import bucket_widths, make_loader, padding_waste
 from cramming.glue.parallel import DoesNotFit, GroupTrainer, build_stack, cpu_memory_check
-from cramming.glue.tasks import GLUE_TASKS, TASK_SPECS, TaskData, load_task
+from cramming.glue.tasks import GLUE_TASKS, GLUE_TRAIN_ROWS, TASK_SPECS, TaskData, load_task
 from cramming.glue.training import TrialTrainer, seed_everything, train_collate
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "glue_demo"
@@ -109,9 +110,9 @@ def model_factory(args: argparse.Namespace, tasks: list[TaskData], dropout: floa
             return export.load_model(args.ckpt, head="classification", num_labels=num_labels, dropout=dropout)
 
         return tokenizer, from_ckpt, {"source": str(args.ckpt)}
-    from cramming.bench import arch_config  # the same --arch/--hidden/... as `cram bench model`
+    from cramming.model.bert import ModelConfig
 
-    arch = arch_config(args)
+    arch = arch_config(ModelConfig, args)  # the same --arch/--hidden/... as `cram bench model`
     tokenizer = _train_tokenizer(tasks, arch.vocab_size, workdir)
     arch = dataclasses.replace(arch, dropout=dropout, vocab_size=max(arch.vocab_size, len(tokenizer)),
                                pad_token_id=int(tokenizer.convert_tokens_to_ids("[PAD]")))
@@ -247,8 +248,6 @@ def bench_task(task: TaskData, encoded: Any, make_model: Callable[[int], nn.Modu
 def project(measured: dict[str, dict[str, Any]], pair_tasks: set[str], trials: int, epochs: int,
             batch_size: int) -> dict[str, Any]:
     """Hours of the recipe's training steps on the full GLUE training sets, per task and mode."""
-    from cramming.report import OFFICIAL_TRAIN_ROWS  # the GLUE training-set sizes, kept in one place
-
     def rate(task: str, mode: str) -> float | None:
         return (measured.get(task, {}).get("modes", {}).get(mode) or {}).get("optimizer_steps_per_s")
 
@@ -257,7 +256,7 @@ def project(measured: dict[str, dict[str, Any]], pair_tasks: set[str], trials: i
         pair = [r for t in sorted(pair_tasks) if (r := rate(t, mode)) is not None]
         proxies[mode] = statistics.median(pair) if pair else None
     rows = {}
-    for task, n in OFFICIAL_TRAIN_ROWS.items():
+    for task, n in GLUE_TRAIN_ROWS.items():
         steps = trials * epochs * math.ceil(n / batch_size)
         row: dict[str, Any] = {"train_rows": n, "trial_steps": steps, "proxy": task not in measured}
         for mode in MODES:
@@ -333,13 +332,11 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             results[task.spec.name] = bench_task(task, encoded, make_model, pad_id, gcfg, profile, args)
             if profile.compile:
                 torch._dynamo.reset()  # as cram glue does after each task
-    from cramming.bench import _cpu_name  # the machine's name, as `cram bench model` reports it
-
     pairs = {t for t in GLUE_TASKS if len(TASK_SPECS[t].text_columns) == 2}
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     return {
         "date": datetime.date.today().isoformat(), "argv": list(sys.argv), "torch": torch.__version__,
-        "device": device.type, "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "device": device.type, "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "threads": torch.get_num_threads(), "precision": profile.precision, "compile": profile.compile,
         "model": model, "trials": args.trials, "batch_size": gcfg.batch_size, "pad_buckets": gcfg.pad_buckets,
         "data_dir": str(args.data_dir), "tasks": results, "peak_gpu_mb_both_modes": peak,

@@ -8,8 +8,8 @@ them). The median over trials is the task's score; the GLUE average follows the 
 (see `metrics`). On CUDA a task's trials train side by side as one stacked model by default
 (`parallel`, glue.parallel_trials), each trial still the recipe's.
 
-`results.json` is rewritten atomically after every trial (after every group of side-by-side
-trials), so a killed run resumes: re-running with the same output folder (`run_name=...`) and the
+The results file (`runs.RESULTS_FILE`) is rewritten atomically after every trial (after every group
+of side-by-side trials), so a killed run resumes: re-running with the same output folder (`run_name=...`) and the
 same config skips the trials already in it.
 
 Baseline `ckpt=random-init`: the `arch` group's model with random weights (the paper's lower bound);
@@ -34,10 +34,11 @@ from omegaconf import DictConfig
 from torch import nn
 from tqdm.auto import tqdm
 
+from cramming import runs
 from cramming.config import GpuProfile, config_hash, resolve_gpu, resolve_paths, to_dataclass
 from cramming.errors import CheckpointError, ConfigError
 from cramming.faults import fault_point
-from cramming.fileio import sha256_file, write_atomic
+from cramming.fileio import sha256_file
 from cramming.glue import GlueConfig, parallel
 from cramming.glue import metrics as M
 from cramming.glue.batching import Collate, make_loader
@@ -49,7 +50,6 @@ log = logging.getLogger(__name__)
 
 RESULTS_VERSION = 1
 RANDOM_INIT = "random-init"
-SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 # Config fields that change what a trial computes; the rest (which tasks, how many trials, loader
 # workers, export, eval batch size, logging every epoch, padding widths, trials side by side or not)
@@ -303,7 +303,7 @@ def _task_key(task: TaskData, custom: dict[str, Any] | None) -> str:
 
 
 def summarize(results: dict[str, Any]) -> None:
-    """Fill in medians, task scores, GLUE columns and average from the trials (in place)."""
+    """Fill in medians, task scores and the `glue` block (columns, average) from the trials (in place)."""
     medians: dict[str, dict[str, float]] = {}
     for name, task in results["tasks"].items():
         trials = task["trials"]
@@ -315,85 +315,23 @@ def summarize(results: dict[str, Any]) -> None:
         heads = [task["median"][k] for k in task["headline"]]
         task["score"] = float(np.mean(heads))
         medians[name] = task["median"]
-    columns = M.glue_columns(medians)
-    present = [v for v in columns.values() if v is not None]
-    results["glue"] = {
-        "columns": columns,
-        "average": M.glue_average(columns),
-        "mean_of_columns_run": float(np.mean(present)) if present else None,
-        "convention": "plain mean of the nine columns (MNLI-m and MNLI-mm both counted, WNLI excluded): "
-        "accuracy for MNLI-m, MNLI-mm, QNLI, SST-2, RTE; F1 for QQP and MRPC; Spearman for STS-B; Matthews "
-        "correlation for CoLA; each column is the median over trials of the final epoch's dev score. "
-        "Set only when all nine columns ran.",
-    }
+    results["glue"] = runs.glue_block(medians)
 
 
-def _fmt(v: float | None) -> str:
-    return "" if v is None else f"{v:.1f}"
-
-
-def render_markdown(results: dict[str, Any]) -> str:
-    """The measured row beside the published rows, then per-trial detail."""
-    cols = [c for c, _, _ in M.GLUE_COLUMNS] + ["Avg"]
-    src = results["checkpoint"]
-    cfg = results["config"]
-    lines = [
-        "# GLUE dev results",
-        "",
-        f"- checkpoint: `{src['path']}` ({src['kind']}, sha256 `{src['sha256'][:16]}`)",
-        f"- recipe: glue={cfg['name']}, batch {cfg['batch_size']}, lr {cfg['lr']:g}, {cfg['schedule']} schedule "
-        f"(warmup {cfg['warmup_fraction']:g}), epochs {cfg['epochs']}, dropout {cfg['dropout']:g}, max length "
-        f"{cfg['max_seq_len']}; precision {results['run']['precision']}",
-        f"- trials per task: {cfg['trials']}; each score is the median over trials of the FINAL epoch's dev score",
-    ]
-    if cfg.get("max_train_examples") or cfg.get("max_eval_examples"):
-        lines.append(f"- SUBSAMPLED: at most {cfg.get('max_train_examples') or 'all'} train / "
-                     f"{cfg.get('max_eval_examples') or 'all'} dev examples per task; not comparable to full GLUE")
-    lines += ["", "| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    measured = dict(results["glue"]["columns"])
-    measured["Avg"] = results["glue"]["average"]
-    lines.append(f"| measured: {'/'.join(Path(src['path']).parts[-2:]) or src['path']} | " + " | ".join(_fmt(measured.get(c)) for c in cols) + " |")
-    for label, row in M.PUBLISHED_ROWS:
-        lines.append(f"| {label} | " + " | ".join(_fmt(row.get(c)) for c in cols) + " |")
-    lines += [
-        "",
-        "Avg: " + results["glue"]["convention"] + " Blank: task not run (measured) or figure not published in "
-        "the sources this project uses (published rows are copied from RECIPE.md; they are not re-measured here).",
-    ]
-    if results["glue"]["average"] is None and results["glue"]["mean_of_columns_run"] is not None:
-        lines.append(f"Not all GLUE tasks ran, so there is no GLUE average; mean of the columns that ran: "
-                     f"{results['glue']['mean_of_columns_run']:.1f}.")
-    lines += ["", "## Per task and trial (percent, final epoch)", ""]
-    for name, task in results["tasks"].items():
-        keys = list(task["median"].keys())
-        if not keys:
-            continue
-        lines.append(f"### {name}{' (custom)' if task.get('custom') else ''}: headline {', '.join(task['headline'])}")
-        lines.append("")
-        lines.append("| trial | seed | " + " | ".join(keys) + " |")
-        lines.append("|---" * (len(keys) + 2) + "|")
-        for i, t in enumerate(task["trials"], 1):
-            lines.append(f"| {i} | {t['seed']} | " + " | ".join(f"{t['final'][k]:.2f}" for k in keys) + " |")
-        lines.append("| median | | " + " | ".join(f"{task['median'][k]:.2f}" for k in keys) + " |")
-        notes = sorted({n for t in task["trials"] for n in t.get("notes", [])})
-        if notes:
-            lines += ["", "Notes: " + "; ".join(notes)]
-        lines.append("")
-    return "\n".join(lines) + "\n"
-
-
-def _load_previous(path: Path, key: str) -> dict[str, Any] | None:
-    if not path.is_file():
+def _load_previous(out_dir: Path, key: str) -> dict[str, Any] | None:
+    """The results of an earlier run into this folder, to resume from; None if there are none or
+    they are unreadable (the run starts afresh)."""
+    if not runs.is_glue_run(out_dir):
         return None
     try:
-        previous = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        log.warning("ignoring unreadable %s; starting afresh", path)
+        previous = runs.read_results(out_dir)
+    except runs.RunFormatError as err:
+        log.warning("ignoring unreadable results (%s); starting afresh", err)
         return None
     if previous.get("format_version") != RESULTS_VERSION or previous.get("resume_key") != key:
         raise ConfigError(
-            f"{path} holds results of a different checkpoint or glue config; resuming would mix them. "
-            "Use a new run_name (a new output folder) or move that file away"
+            f"{out_dir / runs.RESULTS_FILE} holds results of a different checkpoint or glue config; resuming "
+            "would mix them. Use a new run_name (a new output folder) or move that file away"
         )
     return previous
 
@@ -416,8 +354,8 @@ def load_all_tasks(gcfg: GlueConfig) -> list[tuple[TaskData, dict[str, Any] | No
 
 
 def run_glue(gcfg: GlueConfig, source: Source, out_dir: Path, profile: GpuProfile, base_seed: int = 0) -> dict[str, Any]:
-    """Finetune every task for every seed (skipping trials already in out_dir/results.json) and write
-    results.json / results.md after each trial. Returns the results."""
+    """Finetune every task for every seed (skipping trials already in out_dir's results file) and
+    rewrite the results file after each trial. Returns the results; `cramming.report` renders them."""
     if profile.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"gpu profile {profile.name} wants CUDA but none is available; pass gpu=cpu")
     tasks = load_all_tasks(gcfg)
@@ -426,8 +364,7 @@ def run_glue(gcfg: GlueConfig, source: Source, out_dir: Path, profile: GpuProfil
     if precision != profile.precision:
         log.info("gpu.precision=%s applies on CUDA only; finetuning on the CPU runs fp32, as pretraining does", profile.precision)
     key = resume_key(gcfg, source, profile, base_seed)
-    results_path, md_path = out_dir / "results.json", out_dir / "results.md"
-    previous = _load_previous(results_path, key)
+    previous = _load_previous(out_dir, key)
     results: dict[str, Any] = {
         "format_version": RESULTS_VERSION,
         "resume_key": key,
@@ -441,8 +378,7 @@ def run_glue(gcfg: GlueConfig, source: Source, out_dir: Path, profile: GpuProfil
 
     def save() -> None:
         summarize(results)
-        write_atomic(results_path, json.dumps(results, indent=2) + "\n", fault="glue.results")
-        write_atomic(md_path, render_markdown(results))
+        runs.write_results(out_dir, results)
 
     for task, custom in tasks:
         spec = task.spec
@@ -460,7 +396,7 @@ def run_glue(gcfg: GlueConfig, source: Source, out_dir: Path, profile: GpuProfil
         }
         todo = [s for s in seeds if s not in done]
         if len(todo) < len(seeds):
-            log.info("%s: %d of %d trial(s) already in %s; skipping them", spec.name, len(seeds) - len(todo), len(seeds), results_path)
+            log.info("%s: %d of %d trial(s) already in %s; skipping them", spec.name, len(seeds) - len(todo), len(seeds), out_dir)
         labels = {seed: f"{spec.name} trial {i + 1}/{len(seeds)} (seed {seed})" for i, seed in enumerate(seeds)}
         encoded = None
         if parallel.wanted(gcfg, profile, len(todo)):
@@ -491,7 +427,7 @@ def run_glue(gcfg: GlueConfig, source: Source, out_dir: Path, profile: GpuProfil
     results["status"] = "complete"
     save()
     avg = results["glue"]["average"]
-    log.info("GLUE average: %s; results in %s", "n/a (not all tasks ran)" if avg is None else f"{avg:.2f}", results_path)
+    log.info("GLUE average: %s; results in %s", "n/a (not all tasks ran)" if avg is None else f"{avg:.2f}", out_dir / runs.RESULTS_FILE)
     return results
 
 
@@ -529,8 +465,9 @@ def _export(model: nn.Module, source: Source, spec: TaskSpec, out: Path, seed: i
     log.info("exported the finetuned %s classifier to %s", spec.name, out)
 
 
-def run(cfg: DictConfig) -> None:
-    """The `cram glue` entry point (a Hydra application; see cramming/cli.py)."""
+def run(cfg: DictConfig) -> Path:
+    """The `cram glue` entry point (a Hydra application; see cramming/cli.py); returns the run's
+    output folder, whose tables the CLI renders with `cramming.report.write_glue_tables`."""
     from hydra.core.hydra_config import HydraConfig
 
     cfg = resolve_paths(cfg)
@@ -540,9 +477,8 @@ def run(cfg: DictConfig) -> None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     log.info("cram glue: %s on %s (%s, %s); output %s", source.path, ", ".join(
         [*gcfg.tasks, *(c.name for c in gcfg.custom_tasks)]), profile.name, profile.precision, out_dir)
-    from cramming.runs import RunLock
-
-    # Two `cram glue` runs with the same run_name would interleave their results.json rewrites
+    # Two `cram glue` runs with the same run_name would interleave their rewrites of the results file
     # (each dropping the other's trials): the second one refuses instead.
-    with RunLock(out_dir):
+    with runs.RunLock(out_dir):
         run_glue(gcfg, source, out_dir, profile, int(cfg.get("seed", 0) or 0))
+    return out_dir

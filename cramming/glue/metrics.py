@@ -1,4 +1,4 @@
-"""GLUE scoring through the project's `evaluate` module, and the GLUE average.
+"""GLUE scoring through the project's `evaluate` module, and the GLUE average's convention.
 
 The metrics themselves live in one place, `glue_metric.py`, an `evaluate` module loaded by path
 (`EVALUATE_MODULE`) with no network; it computes with scikit-learn and scipy and uses the keys of
@@ -13,7 +13,8 @@ GLUE average (the Cramming paper's convention, also the reference implementation
 entry of the paper's table, MNLI-m, MNLI-mm, QQP, QNLI, SST-2, CoLA, STS-B, MRPC, RTE, i.e. MNLI's
 matched and mismatched accuracies are BOTH counted (nine columns, WNLI excluded), with QQP and MRPC
 scored by F1, STS-B by Spearman correlation, CoLA by Matthews correlation and the rest by accuracy;
-the average is the plain mean of the nine columns. Check: the reference checkpoint's published
+the average is the plain mean of the nine columns (computed by `cramming.runs.glue_block`, which
+writes it into the results file's `glue` block). Check: the reference checkpoint's published
 84.1, 84.6, 87.5, 90.2, 92.0, 53.3, 87.4, 88.9, 58.5 average to 80.7 this way (and to 80.3 if MNLI
 were averaged first), which is the 80.7 it reports.
 """
@@ -22,18 +23,17 @@ from __future__ import annotations
 
 import sys
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from cramming.glue.tasks import GLUE_TASKS, TaskSpec
-from cramming.runs import GLUE_COLUMNS  # the results format's column order, defined there
 
 EVALUATE_MODULE: str = str(Path(__file__).with_name("glue_metric.py"))
 """Path of the GLUE metric's `evaluate` module: `evaluate.load(EVALUATE_MODULE, "mrpc")`."""
 
-# The project's metric names (task specs, configs, results.json) -> the evaluate module's keys.
+# The project's metric names (task specs, configs, the results file) -> the evaluate module's keys.
 EVALUATE_KEYS: dict[str, str] = {
     "accuracy": "accuracy",
     "f1": "f1",
@@ -41,22 +41,6 @@ EVALUATE_KEYS: dict[str, str] = {
     "pearson": "pearson",
     "spearman": "spearmanr",
 }
-
-# Published GLUE dev scores, copied from the project spec's summary of the Cramming paper
-# (RECIPE.md, section 1, "GLUE"). Only the numbers stated there are filled in; the rest stay blank
-# rather than being recalled from memory. Columns as in metrics.GLUE_COLUMNS plus "Avg".
-PUBLISHED_ROWS: tuple[tuple[str, dict[str, float]], ...] = (
-    ("published: BERT-base, original checkpoint (Cramming paper, GLUE dev)", {"Avg": 80.9}),
-    ("published: crammed BERT, 1 day on one A6000 (Cramming paper v1, median of 5)", {"Avg": 78.6}),
-    (
-        "published: crammed BERT, reference repo's later checkpoint (best of 5)",
-        {
-            "MNLI-m": 84.1, "MNLI-mm": 84.6, "QQP": 87.5, "QNLI": 90.2, "SST-2": 92.0,
-            "CoLA": 53.3, "STS-B": 87.4, "MRPC": 88.9, "RTE": 58.5, "Avg": 80.7,
-        },
-    ),
-)
-
 
 def evaluate_config(spec: TaskSpec) -> str:
     """The GLUE metric module's config for a task: its own name for a GLUE task, else by kind and labels."""
@@ -93,19 +77,3 @@ def median(values: Sequence[float]) -> float:
     if not values:
         raise ValueError("median of no values")
     return float(np.median(np.asarray(values, dtype=np.float64)))
-
-
-def glue_columns(task_scores: Mapping[str, Mapping[str, float]]) -> dict[str, float | None]:
-    """The nine table columns from per-task median metrics (None where a task was not run)."""
-    out: dict[str, float | None] = {}
-    for column, task, key in GLUE_COLUMNS:
-        out[column] = task_scores.get(task, {}).get(key)
-    return out
-
-
-def glue_average(columns: Mapping[str, float | None]) -> float | None:
-    """Mean of the nine GLUE columns; None unless every column is present (a partial mean is not GLUE)."""
-    values = [columns.get(c) for c, _, _ in GLUE_COLUMNS]
-    if any(v is None for v in values):
-        return None
-    return float(np.mean(np.asarray(values, dtype=np.float64)))

@@ -17,7 +17,7 @@ seeded with the group's seeds, so masks differ across trials and a rerun of the 
 the same masks; they are not the masks a sequential run of the trial draws. Without dropout a
 side-by-side trial equals its sequential run to float rounding (tests/test_glue_parallel.py).
 
-Resume: a group is the unit of work. Its trials reach results.json together when it finishes; a
+Resume: a group is the unit of work. Its trials reach the results file together when it finishes; a
 run killed mid-group reruns the group from its start, with the same seeds and so the same results.
 A side-by-side trial's `time_s` (per epoch and in all) is its group's wall time.
 
@@ -283,7 +283,7 @@ def _is_oom(err: BaseException) -> bool:
 
 @dataclass
 class Group:
-    """The trials of a finished group (results.json records, in seed order) and their stacked weights."""
+    """The trials of a finished group (results-file records, in seed order) and their stacked weights."""
 
     trials: list[dict[str, Any]]
     stack: Stack

@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 GLUE_TASKS: tuple[str, ...] = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte")
+# Rows of each task's full official training set (the projection of `cram bench glue` scales to them).
+GLUE_TRAIN_ROWS: dict[str, int] = {"cola": 8551, "sst2": 67349, "mrpc": 3668, "stsb": 5749, "qqp": 363846,
+                                   "mnli": 392702, "qnli": 104743, "rte": 2490}
 EXCLUDED_TASKS: dict[str, str] = {
     "wnli": "WNLI is excluded, as in BERT and the Cramming paper: its dev set is adversarial to the "
     "train set and models score below the majority baseline",

@@ -126,7 +126,7 @@ class TrialTrainer:
 
 @dataclass
 class TrialLog:
-    """One trial's record as results.json keeps it: per-epoch training loss, learning rate, time and
+    """One trial's record as the results file keeps it: per-epoch training loss, learning rate, time and
     dev scores; the FINAL epoch's scores (never the best epoch's) and notes."""
 
     seed: int
@@ -154,6 +154,6 @@ class TrialLog:
             self.loss_notes.append(f"non-finite training loss in epoch {epoch}")
 
     def result(self, seconds: float, steps: int, **extra: Any) -> dict[str, Any]:
-        """The trial's entry in results.json."""
+        """The trial's entry in the results file."""
         return {"seed": self.seed, "final": self.final, "epochs": self.epochs, "notes": [*self.eval_notes, *self.loss_notes],
                 "time_s": round(seconds, 3), "train_steps": steps, **extra}

@@ -14,6 +14,7 @@ from conftest import cram, finish
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cramming import runs
 from cramming.errors import DataError
 
 WORDS = "good bad fine awful great poor nice terrible lovely dull movie plot actor scene".split()
@@ -51,7 +52,7 @@ def glue_setup(tmp_path_factory) -> dict:
 
 
 def _results(out: Path, run: str) -> dict:
-    return json.loads((out / "glue" / run / "results.json").read_text())
+    return runs.read_results(out / "glue" / run)
 
 
 def _glue(setup: dict, out: Path, run: str, fault: str | None = None) -> tuple[int, str]:
@@ -105,8 +106,8 @@ def test_sigkill_mid_side_by_side_group_then_rerun_completes(glue_setup, tmp_pat
     # 4 stacked steps per epoch x 2 epochs: step 5 is in the group's second epoch.
     code, log = _glue(side, tmp_path, "r", fault="glue.trial:5")
     assert code == -9, log
-    path = tmp_path / "glue" / "r" / "results.json"
-    assert not path.exists() or not json.loads(path.read_text())["tasks"].get("toy", {}).get("trials")
+    run_dir = tmp_path / "glue" / "r"
+    assert not runs.is_glue_run(run_dir) or not runs.read_results(run_dir)["tasks"].get("toy", {}).get("trials")
     code, log = _glue(side, tmp_path, "r")
     assert code == 0, log
     after = _results(tmp_path, "r")
@@ -124,12 +125,12 @@ def test_second_glue_run_on_same_folder_refuses(glue_setup, tmp_path, outcome) -
     run_dir.mkdir(parents=True)
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        (run_dir / ".lock").write_text(json.dumps({"pid": child.pid, "host": socket.gethostname()}))
+        (run_dir / runs.LOCK_FILE).write_text(json.dumps({"pid": child.pid, "host": socket.gethostname()}))
         code, log = _glue(glue_setup, tmp_path, "r")
     finally:
         child.kill()
         child.wait()
-    ok = code == 2 and "in use by another run" in log and not (run_dir / "results.json").exists()
+    ok = code == 2 and "in use by another run" in log and not runs.is_glue_run(run_dir)
     outcome.add("Two `cram glue` runs on one run directory", "a live process holds <run_dir>/.lock",
                 "the second exits 2 with 'in use by another run (pid N)'; no results written", ok)
     assert ok, log
