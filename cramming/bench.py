@@ -28,7 +28,6 @@ import contextlib
 import ctypes
 import dataclasses
 import datetime
-import json
 import math
 import os
 import statistics
@@ -40,7 +39,7 @@ from typing import Any
 import torch
 import yaml
 
-from cramming.benchtools import arch_config, cpu_name
+from cramming.benchtools import arch_config, cpu_name, write_json_report
 from cramming.config import CONFIG_DIR
 from cramming.model.bert import CrammedBertForMLM, ModelConfig, count_parameters, training_flops_per_sequence
 
@@ -428,9 +427,7 @@ def main(argv: list[str]) -> int:
     args.argv = argv
     report = bench_model(args)
     print(markdown(report))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json_report(args.out, report)
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
 import platform
 from pathlib import Path
 from typing import Any, TypeVar
@@ -45,3 +46,10 @@ def cpu_name() -> str:
             if line.startswith("model name"):
                 return f"{line.split(':', 1)[1].strip()}, {platform.machine()}"
     return platform.processor() or platform.machine()
+
+
+def write_json_report(out: Path | None, report: dict[str, Any]) -> None:
+    """Write a benchmark's figures to `--out` as indented JSON (nothing without --out)."""
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
+from wordpiece import train_wordpiece
 
 from cramming import runs
 from cramming.config import GpuProfile
@@ -27,19 +28,13 @@ ASSETS = Path(F.__file__).resolve().parents[1] / "assets" / "glue_demo"
 CPU = GpuProfile()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CPU the threads fight."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
     """A tiny pretraining export (random weights) with a WordPiece tokenizer trained on the shipped RTE/STS-B text."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import Tokenizer
 
     from cramming.model import ModelConfig, build_model, save_pretrained
 
@@ -47,12 +42,7 @@ def ckpt(tmp_path_factory) -> Path:
     lines: list[str] = []
     for name in ("RTE/train.tsv", "STS-B/train.tsv"):
         lines += (ASSETS / name).read_text(encoding="utf-8-sig").splitlines()[1:600]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator(lines, trainers.WordPieceTrainer(
-        vocab_size=300, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
-    tok.save(str(root / "tokenizer.json"))
+    tok = Tokenizer.from_file(str(train_wordpiece(lines, 300, root / "tokenizer.json")))
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
     return save_pretrained(build_model(config, "mlm"), root / "final", root / "tokenizer.json")

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from wordpiece import train_wordpiece
 
 from cramming import runs
 from cramming.cli import main as cram_main
@@ -22,29 +23,9 @@ REPO = Path(__file__).resolve().parents[1]
 # these tests run in any clone, not only where ../shared/data/glue is.
 GLUE_DIR = REPO / "cramming" / "assets" / "glue_demo"
 LABELLED = REPO.parent / "shared" / "data" / "labelled"
-SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def _train_tokenizer(lines: list[str], vocab_size: int, path: Path) -> Path:
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator(lines, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL))
-    tok.save(str(path))
-    return path
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CPU the threads fight."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +37,7 @@ def ckpt(tmp_path_factory) -> Path:
     lines: list[str] = []
     for name in ("RTE/train.tsv", "MRPC/train.tsv"):
         lines += (GLUE_DIR / name).read_text(encoding="utf-8-sig").splitlines()[1:800]
-    tok = _train_tokenizer(lines, 400, root / "tokenizer.json")
+    tok = train_wordpiece(lines, 400, root / "tokenizer.json")
     from tokenizers import Tokenizer
 
     config = ModelConfig(vocab_size=Tokenizer.from_file(str(tok)).get_vocab_size(), hidden_size=32, num_layers=2,
@@ -217,7 +198,7 @@ def test_errors_before_training(ckpt, tmp_path, monkeypatch, capsys):
 
     other_vocab = tmp_path / "other_vocab"
     shutil.copytree(ckpt, other_vocab)
-    _train_tokenizer(["some other text entirely", "with another vocabulary"] * 50, 120, other_vocab / "tokenizer.json")
+    train_wordpiece(["some other text entirely", "with another vocabulary"] * 50, 120, other_vocab / "tokenizer.json")
     assert cram_glue(tmp_path, f"ckpt={other_vocab}", *base, monkeypatch=monkeypatch) == 2
     err = capsys.readouterr().err
     assert "tokenizer has" in err and "does not belong to this checkpoint" in err
@@ -262,7 +243,7 @@ def test_gpu_precisions(tmp_path, monkeypatch, precision):
     from cramming.model import ModelConfig, build_model, save_pretrained
 
     words = "the a cat dog sat ran big small red blue house tree it is was not".split()
-    tok = _train_tokenizer([" ".join(words[i:] + words[:i]) for i in range(len(words))] * 20, 200, tmp_path / "tok.json")
+    tok = train_wordpiece([" ".join(words[i:] + words[:i]) for i in range(len(words))] * 20, 200, tmp_path / "tok.json")
     from tokenizers import Tokenizer
 
     config = ModelConfig(vocab_size=Tokenizer.from_file(str(tok)).get_vocab_size(), hidden_size=64, num_layers=2,

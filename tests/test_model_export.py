@@ -37,13 +37,7 @@ def make_tokenizer(path: Path, size: int) -> Path:
 CFG = ModelConfig(name="tiny", vocab_size=120, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_seq_len=32)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CPU the threads fight."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cramming.benchtools import write_json_report
+
 _PEAK = r"""
 import resource
 
@@ -208,9 +210,8 @@ def main(argv: list[str]) -> int:
     print(f"our full pipeline incl. tokenizer training: {full_pipeline_s:.1f}s")
     print("loader + dynamic masking, micro-batch "
           f"{args.micro_batch}: " + ", ".join(f"{k}: {v:.0f} seq/s" for k, v in loader.items()))
+    write_json_report(args.out, result)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.out}")
     if tmp:
         tmp.cleanup()

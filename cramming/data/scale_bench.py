@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cramming.benchtools import cpu_name, write_json_report
 from cramming.data.prepare import PHASE_TIMINGS, DataConfig, prepared_dir
 from cramming.data.sources import embedded_files
 
@@ -129,16 +130,6 @@ def run_build(cfg: dict[str, Any], root: Path, poll: float, kill_after: float | 
     return result
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
-
-
 def _table(rows: list[dict[str, Any]]) -> list[str]:
     names = list(PHASE_TIMINGS.values())
     lines = ["| scale | text MB | num_proc | wall s | MB/s | " + " | ".join(f"{n} s" for n in names)
@@ -177,7 +168,7 @@ def main(argv: list[str]) -> int:
             res = run_build(cfg, work / f"out-{scale}x-p{num_proc}", args.poll)
             rows.append({"scale": scale, "mb": nbytes / 1e6, "num_proc": num_proc,
                          "mb_per_s": round(nbytes / 1e6 / res["wall_s"], 3), **res})
-    result: dict[str, Any] = {"cpu": _cpu_name(), "cores": len(os.sched_getaffinity(0)), "rows": rows,
+    result: dict[str, Any] = {"cpu": cpu_name(), "cores": len(os.sched_getaffinity(0)), "rows": rows,
                               "date": time.strftime("%Y-%m-%d")}
     if args.kill_at is not None:
         result["resume"] = _resume_check(rows[-1], work, args)
@@ -187,9 +178,8 @@ def main(argv: list[str]) -> int:
         r = result["resume"]
         print(f"\nkilled at {r['killed_after_s']:.0f} s ({args.kill_at:.0%}) in phase {r['killed_in']}; the rerun "
               f"took {r['rerun_wall_s']:.1f} s = {r['rerun_fraction']:.0%} of the full build")
+    write_json_report(args.out, result)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.out}")
     if tmp:
         tmp.cleanup()

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import math
 import statistics
 import sys
@@ -41,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cramming.benchtools import arch_config, cpu_name
+from cramming.benchtools import arch_config, cpu_name, write_json_report
 from cramming.config import GpuProfile
 from cramming.glue import GlueConfig
 from cramming.glue.batching import bucket_widths, make_loader, padding_waste
@@ -349,7 +348,5 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     report = run_bench(args)
     print(markdown(report))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json_report(args.out, report)
     return 0
