@@ -37,20 +37,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from cramming.benchtools import arch_config, cpu_name, write_json_report
-from cramming.config import CONFIG_DIR
+from cramming.gpu import load_profile, match_profile
 from cramming.model.bert import CrammedBertForMLM, ModelConfig, count_parameters, training_flops_per_sequence
 
-CONFIGS = CONFIG_DIR
 BASELINE = "BertForMaskedLM (sdpa)"
 EXPORT = "CrammedBertHFForMaskedLM (export)"
-
-
-def _yaml(path: Path) -> dict[str, Any]:
-    # Plain YAML (no OmegaConf) so the bench runs where only torch and transformers are installed.
-    return yaml.safe_load(path.read_text()) or {}
 
 
 def baseline_model(cfg: ModelConfig, seq_len: int, dropout: float) -> torch.nn.Module:
@@ -76,19 +69,12 @@ def baseline_flops_config(cfg: ModelConfig) -> ModelConfig:
     return dataclasses.replace(cfg, ffn="gelu", head="nonlinear", sparse_prediction=False)
 
 
-def gpu_profiles() -> list[dict[str, Any]]:
-    return [_yaml(p) for p in sorted((CONFIGS / "gpu").glob("*.yaml")) if p.stem != "auto"]
-
-
 def detect_peak_tflops(device: torch.device, precision: str) -> float | None:
     """The shipped profile's dense tensor peak for this GPU; None on CPU or in fp32 (no such peak)."""
     if device.type != "cuda" or precision == "fp32":
         return None
-    name = torch.cuda.get_device_name(device).lower()
-    for profile in gpu_profiles():
-        if any(m.lower() in name for m in profile.get("match") or []):
-            return profile.get("peak_tflops")
-    return None
+    profile = match_profile(torch.cuda.get_device_name(device))
+    return profile.peak_tflops if profile else None
 
 
 def make_batches(cfg: ModelConfig, batch: int, seq_len: int, num_masked: int, device: torch.device, n: int = 4):
@@ -272,14 +258,14 @@ def bench_model(args: argparse.Namespace) -> dict[str, Any]:
 
     emulated = None
     if args.emulate:
-        profile = next((p for p in gpu_profiles() if p["name"] == args.emulate), None)
-        if profile is None or profile.get("memory_gb") is None:
-            raise SystemExit(f"--emulate needs a GPU profile with memory_gb; got {args.emulate!r}")
-        args.batch_size = args.batch_size or profile["micro_batch_size"]
-        args.precision = profile["precision"]
+        profile = load_profile(args.emulate)
+        if profile.memory_gb is None:
+            raise SystemExit(f"--emulate needs a GPU profile with memory_gb; {args.emulate!r} has none")
+        args.batch_size = args.batch_size or profile.micro_batch_size
+        args.precision = profile.precision
         total = torch.cuda.get_device_properties(device).total_memory
-        args.memory_fraction = min(1.0, profile["memory_gb"] * 1e9 / total)
-        emulated = profile["name"]
+        args.memory_fraction = min(1.0, profile.memory_gb * 1e9 / total)
+        emulated = profile.name
     if args.memory_fraction is not None:
         if device.type != "cuda":
             raise SystemExit("--memory-fraction needs --device cuda")

@@ -22,8 +22,8 @@ log = logging.getLogger(__name__)
 
 def data_dir(cfg: DictConfig, prepare_data: bool) -> Path:
     """The prepared folder of `cfg.data`, prepared now if missing and `prepare_data` allows it."""
+    from cramming.corpus.shards import MANIFEST
     from cramming.data import prepare
-    from cramming.data.shards import MANIFEST
 
     data_cfg = to_dataclass(prepare.DataConfig, cfg.data, "data")
     folder = prepare.prepared_dir(data_cfg, cfg.paths.data_root)

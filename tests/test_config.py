@@ -9,18 +9,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from cramming.config import (
-    CONFIG_DIR,
-    GpuProfile,
-    available_profiles,
-    config_hash,
-    load_profile,
-    parse_budget,
-    resolve_gpu,
-    resolve_paths,
-    to_dataclass,
-)
+from cramming.config import CONFIG_DIR, config_hash, parse_budget, resolve_paths, to_dataclass
 from cramming.errors import ConfigError
+from cramming.gpu import GpuProfile, available_profiles, load_profile, resolve_gpu
 
 
 @pytest.mark.parametrize(
@@ -82,7 +73,7 @@ def test_auto_profile_without_cuda_is_cpu(monkeypatch):
 def test_auto_profile_detection(monkeypatch, device_name, bf16, memory_gb, expected):
     import torch
 
-    from cramming import config
+    from cramming import gpu
 
     class Props:
         total_memory = memory_gb * 2**30
@@ -91,7 +82,7 @@ def test_auto_profile_detection(monkeypatch, device_name, bf16, memory_gb, expec
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: device_name)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i=0: Props())
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bf16)
-    assert config.detect_profile_name() == expected
+    assert gpu.detect_profile_name() == expected
 
 
 def test_profile_validation():

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from cramming.data.masking import MLMMasker
+from cramming.corpus.masking import MLMMasker
+from cramming.corpus.shards import PackedDataset, _MicroBatches, build_loader
 from cramming.data.prepare import DataConfig, prepare
-from cramming.data.shards import PackedDataset, _MicroBatches, build_loader
 from cramming.errors import DataError
 
 

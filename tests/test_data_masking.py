@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cramming.data.masking import IGNORE_INDEX, MLMMasker
+from cramming.corpus.masking import IGNORE_INDEX, MLMMasker
 
 VOCAB, MASK, SPECIALS = 1000, 4, [0, 1, 2, 3, 4]
 

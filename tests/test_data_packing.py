@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from cramming.config import GpuProfile
+from cramming.corpus.masking import IGNORE_INDEX, MLMMasker
+from cramming.corpus.shards import PackedDataset, build_loader, load_manifest
 from cramming.data import order, pack
-from cramming.data.masking import IGNORE_INDEX, MLMMasker
 from cramming.data.prepare import DataConfig, prepare
-from cramming.data.shards import PackedDataset, build_loader, load_manifest
 from cramming.data.tokenizer import load_tokenizer
 from cramming.errors import ConfigError
+from cramming.gpu import GpuProfile
 
 PAD, SEP = 0, 3
 WORDS = ["alpha", "beta", "gamma", "delta", "omega", "kappa", "sigma", "theta"]

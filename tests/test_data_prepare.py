@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cramming.corpus.shards import PackedDataset, load_manifest
 from cramming.data.normalize import build_normalizer, normalize_text
 from cramming.data.prepare import DataConfig, prepare, prepared_dir
-from cramming.data.shards import PackedDataset, load_manifest
 from cramming.data.tokenizer import load_hf_tokenizer, load_tokenizer
 from cramming.errors import ConfigError, DataError
 

@@ -12,10 +12,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cramming.corpus.shards import PackedDataset, load_manifest
 from cramming.data import order, pack, parallel
 from cramming.data.normalize import TextNormalizer, build_normalizer, normalize_text
 from cramming.data.prepare import DataConfig, prepare, prepared_dir
-from cramming.data.shards import PackedDataset, load_manifest
 from cramming.data.sources import HubSource
 from cramming.errors import ConfigError, DataError
 

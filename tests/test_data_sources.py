@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from cramming.corpus.shards import load_manifest
 from cramming.data import sources
 from cramming.data.prepare import DataConfig, prepare
-from cramming.data.shards import load_manifest
 from cramming.data.sources import HubSource, SourceStats, iter_documents, iter_hub
 from cramming.errors import DataError
 

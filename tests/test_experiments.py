@@ -19,9 +19,10 @@ import pytest
 from omegaconf import OmegaConf
 
 from cramming import experiment
-from cramming.config import GpuProfile, resolve_gpu, to_dataclass
+from cramming.config import to_dataclass
 from cramming.data.prepare import DataConfig
 from cramming.glue import GlueConfig
+from cramming.gpu import GpuProfile, resolve_gpu
 from cramming.model.bert import ModelConfig
 from cramming.train.config import TrainConfig
 

@@ -18,11 +18,11 @@ from omegaconf import OmegaConf
 from wordpiece import train_wordpiece
 
 from cramming import runs
-from cramming.config import GpuProfile
 from cramming.glue import GlueConfig
 from cramming.glue import finetune as F
 from cramming.glue import parallel as P
 from cramming.glue.batching import Collate, bucket_widths, make_loader, padded_width, padding_waste
+from cramming.gpu import GpuProfile
 
 ASSETS = Path(F.__file__).resolve().parents[1] / "assets" / "glue_demo"
 CPU = GpuProfile()

@@ -23,8 +23,8 @@ STEPS = 12
 def _run(tmp: Path) -> list[dict]:
     import torch
 
-    from cramming.config import GpuProfile
     from cramming.data.prepare import DataConfig, prepare
+    from cramming.gpu import GpuProfile
     from cramming.model.bert import ModelConfig
     from cramming.train.config import TrainConfig
     from cramming.train.loop import pretrain

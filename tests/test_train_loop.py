@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cramming.config import GpuProfile
 from cramming.errors import CrammingError
 from cramming.faults import NAN_STEPS_ENV
+from cramming.gpu import GpuProfile
 from cramming.runs import RunLock
 from cramming.train.checkpoint import latest_checkpoint
 from cramming.train.config import RandomLTDConfig, TrainConfig
@@ -326,7 +326,7 @@ def _revisit_warnings(caplog) -> list[str]:
 
 
 def test_epochs_count_the_wrap_around_and_a_step_budget_warns_before_training(small_data, tmp_path, caplog) -> None:
-    from cramming.data.shards import PackedDataset
+    from cramming.corpus.shards import PackedDataset
 
     rows = len(PackedDataset(small_data, "train")) // 16 * 16  # whole micro-batches of 16 per pass
     with caplog.at_level("WARNING", logger="cramming.train"):

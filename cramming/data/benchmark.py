@@ -99,8 +99,8 @@ def _child(code: str, args: dict[str, Any], env: dict[str, str]) -> dict[str, An
 
 
 def _loader_throughput(folder: Path, micro_batch: int, workers: int, batches: int) -> float:
-    from cramming.data.masking import MLMMasker
-    from cramming.data.shards import PackedDataset, build_loader
+    from cramming.corpus.masking import MLMMasker
+    from cramming.corpus.shards import PackedDataset, build_loader
 
     ds = PackedDataset(folder)
     sp = ds.manifest["special_tokens"]

@@ -220,7 +220,7 @@ def prepare(data_cfg: DataConfig, data_root: str | Path) -> Path:
     and the next call continues it; a build that fails on its input (an empty corpus, a vocabulary
     too large for it) leaves nothing.
     """
-    from cramming.data.shards import MANIFEST, load_manifest
+    from cramming.corpus.shards import MANIFEST, load_manifest
     from cramming.data.workdir import BuildLock
 
     final = prepared_dir(data_cfg, data_root)
@@ -254,7 +254,7 @@ def _remove_leftovers(final: Path) -> None:
 
 def _build_keeping_progress(cfg: DataConfig, partial: Path) -> None:
     """Build in `partial`, continuing its committed work; on failure keep what can be continued."""
-    from cramming.data.shards import MANIFEST, load_manifest
+    from cramming.corpus.shards import MANIFEST, load_manifest
     from cramming.data.sources import fingerprint
     from cramming.data.workdir import BuildInterrupted, StaleWork, WorkDir
 
@@ -296,8 +296,8 @@ def _build_keeping_progress(cfg: DataConfig, partial: Path) -> None:
 
 def _build(cfg: DataConfig, work: WorkDir) -> None:
     """All phases in `work` (each skipped when done, or continued), then its manifest."""
+    from cramming.corpus.shards import token_dtype
     from cramming.data.order import FileArray
-    from cramming.data.shards import token_dtype
     from cramming.data.spool import spool_corpus
     from cramming.data.tokenizer import special_token_ids
 
@@ -470,8 +470,8 @@ def _order_phase(cfg: DataConfig, work: WorkDir, rows: Any, vocab_size: int, pad
 def _shards_phase(cfg: DataConfig, work: WorkDir, rows: Any, val: np.ndarray, order: np.ndarray, vocab_size: int,
                   specials: dict[str, int], progress: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Step 7: checksummed train shards in order (resumed at the first unfinished shard), then val."""
+    from cramming.corpus.shards import ShardWriter
     from cramming.data.order import write_in_order
-    from cramming.data.shards import ShardWriter
 
     state = work.begin("shards")
     if state.get("done"):
@@ -505,15 +505,15 @@ def _write_train(cfg: DataConfig, rows: Any, order: np.ndarray, writer: Any, voc
         return
     import torch
 
-    from cramming.data.masking import MLMMasker
-    from cramming.data.shards import _mix
+    from cramming.corpus.masking import MLMMasker
+    from cramming.corpus.shards import mix_seed
 
     masker = MLMMasker(vocab_size, specials["mask"], specials.values(), mask_rate=cfg.static_mask_rate,
                        fixed_count=cfg.static_fixed_count)
     n = len(order)
     for copy in range(start // n, cfg.static_masking_copies):
         def masked(chunk: np.ndarray, offset: int, copy: int = copy) -> tuple[np.ndarray, np.ndarray]:
-            gen = torch.Generator().manual_seed(_mix(cfg.seed, copy, offset))
+            gen = torch.Generator().manual_seed(mix_seed(cfg.seed, copy, offset))
             batch = masker(torch.from_numpy(chunk.astype(np.int64)), generator=gen)
             return batch["input_ids"].numpy(), batch["labels"].numpy()
 
@@ -523,7 +523,7 @@ def _write_train(cfg: DataConfig, rows: Any, order: np.ndarray, writer: Any, voc
 
 def _manifest(cfg: DataConfig, work: WorkDir, spooled: dict[str, Any], packed: dict[str, Any], splits: dict[str, Any],
               static: dict[str, Any] | None, specials: dict[str, int], vocab_size: int, dtype: np.dtype) -> dict[str, Any]:
-    from cramming.data.shards import FORMAT_VERSION
+    from cramming.corpus.shards import FORMAT_VERSION
 
     counts = {k: spooled[k] for k in ("documents_read", "documents_skipped_unreadable", "files_read", "files_skipped",
                                       "chars_read", "documents_empty_after_normalization", "documents_deduplicated")}
@@ -557,7 +557,7 @@ def _manifest(cfg: DataConfig, work: WorkDir, spooled: dict[str, Any], packed: d
 
 
 def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    from cramming.data.shards import MANIFEST, manifest_digest, sha256_file, write_json_atomic
+    from cramming.corpus.shards import MANIFEST, manifest_digest, sha256_file, write_json_atomic
 
     manifest["tokenizer_sha256"] = sha256_file(folder / manifest["tokenizer"])
     manifest["manifest_sha256"] = manifest_digest(manifest)
@@ -566,7 +566,7 @@ def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
 
 def _keep_only_outputs(folder: Path, manifest: dict[str, Any]) -> None:
     """Delete the build's working files: what is left is the manifest and the files it lists."""
-    from cramming.data.shards import MANIFEST
+    from cramming.corpus.shards import MANIFEST
 
     keep = {MANIFEST, manifest["tokenizer"]}
     for split in manifest["splits"].values():
@@ -579,7 +579,7 @@ def _keep_only_outputs(folder: Path, manifest: dict[str, Any]) -> None:
 
 def run(cfg: Any) -> None:
     """The `cram data` entry point: prepare `cfg.data` under `cfg.paths.data_root` and summarise."""
-    from cramming.data.shards import load_manifest
+    from cramming.corpus.shards import load_manifest
 
     data_cfg = to_dataclass(DataConfig, cfg.data, "data")
     data_root = resolve_paths(cfg).paths.data_root

@@ -41,12 +41,12 @@ import torch
 from torch import nn
 
 from cramming.benchtools import arch_config, cpu_name, write_json_report
-from cramming.config import GpuProfile
 from cramming.glue import GlueConfig
 from cramming.glue.batching import bucket_widths, make_loader, padding_waste
 from cramming.glue.parallel import DoesNotFit, GroupTrainer, build_stack, cpu_memory_check
 from cramming.glue.tasks import GLUE_TASKS, GLUE_TRAIN_ROWS, TASK_SPECS, TaskData, load_task
 from cramming.glue.training import TrialTrainer, seed_everything, train_collate
+from cramming.gpu import GpuProfile
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "glue_demo"
 MODES = ("sequential", "side-by-side")

@@ -35,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cramming import runs
-from cramming.config import GpuProfile, config_hash, resolve_gpu, resolve_paths, to_dataclass
+from cramming.config import config_hash, resolve_paths, to_dataclass
 from cramming.errors import CheckpointError, ConfigError
 from cramming.faults import fault_point
 from cramming.fileio import sha256_file
@@ -44,6 +44,7 @@ from cramming.glue import metrics as M
 from cramming.glue.batching import Collate, make_loader
 from cramming.glue.tasks import Split, TaskData, TaskSpec, load_custom_task, load_task
 from cramming.glue.training import TrialLog, TrialTrainer, compiles, logits_of, seed_everything, train_collate
+from cramming.gpu import GpuProfile, resolve_gpu
 from cramming.optim.precision import autocast, effective_precision
 
 log = logging.getLogger(__name__)

@@ -43,7 +43,6 @@ from torch import nn
 from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
-from cramming.config import GpuProfile
 from cramming.faults import fault_point
 from cramming.glue import GlueConfig
 from cramming.glue.batching import Collate, make_loader
@@ -57,6 +56,7 @@ from cramming.glue.training import (
     task_loss,
     train_collate,
 )
+from cramming.gpu import GpuProfile
 from cramming.optim.precision import autocast, effective_precision
 
 log = logging.getLogger(__name__)

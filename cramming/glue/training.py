@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from cramming.config import GpuProfile
 from cramming.glue import GlueConfig
 from cramming.glue.batching import Collate, bucket_widths
+from cramming.gpu import GpuProfile
 from cramming.optim import schedules
 from cramming.optim.groups import build_optimizer
 from cramming.optim.precision import autocast, grad_scaler

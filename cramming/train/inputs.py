@@ -1,7 +1,7 @@
 """What the loop feeds the model: the prepared splits, the MLM maskers, the micro-batch streams,
 and how many passes over the training split a budget makes.
 
-The train stage reads the prepared data through this module only (cramming.data's `PackedDataset`,
+The train stage reads the prepared data through this module only (cramming.corpus's `PackedDataset`,
 `build_loader` and `MLMMasker`); a missing folder is prepared before this stage runs (cramming.pipeline).
 """
 
@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from cramming.data.masking import MLMMasker
-from cramming.data.shards import PackedDataset, build_loader
+from cramming.corpus.masking import MLMMasker
+from cramming.corpus.shards import PackedDataset, build_loader
 from cramming.optim import schedules
 from cramming.train import signals
 from cramming.train.budget import Budget

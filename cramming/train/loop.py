@@ -33,9 +33,10 @@ from typing import Any, Literal
 import torch
 from omegaconf import OmegaConf
 
-from cramming.config import GpuProfile, format_duration
+from cramming.config import format_duration
 from cramming.errors import ConfigError
 from cramming.faults import fault_point, nan_steps
+from cramming.gpu import GpuProfile
 from cramming.model import bert
 from cramming.optim import schedules
 from cramming.optim.groups import build_optimizer

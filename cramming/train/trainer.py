@@ -16,8 +16,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from cramming.config import GpuProfile, config_hash, parse_budget, resolve_gpu, resolve_paths, to_dataclass
+from cramming.config import config_hash, parse_budget, resolve_paths, to_dataclass
 from cramming.errors import CrammingError
+from cramming.gpu import GpuProfile, resolve_gpu
 from cramming.model.bert import ModelConfig
 from cramming.train.checkpoint import latest_checkpoint, verify_checkpoint
 from cramming.train.config import TrainConfig

@@ -35,7 +35,7 @@ def main(argv: list[str]) -> int:
             print("prepared", prepare(DataConfig(**payload["data"]), payload["data_root"]), flush=True)
             return 0
         if command == "pretrain":
-            from cramming.config import GpuProfile
+            from cramming.gpu import GpuProfile
             from cramming.model.bert import ModelConfig
             from cramming.train.config import TrainConfig
             from cramming.train.loop import Interrupted, pretrain

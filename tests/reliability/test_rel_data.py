@@ -17,8 +17,8 @@ from conftest import TINY_DATA, finish, flip_bit, truncate, wait_for, worker
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cramming.corpus.shards import PackedDataset, load_manifest
 from cramming.data.prepare import EXECUTION_ONLY_FIELDS, PHASE_TIMINGS, DataConfig, prepare, prepared_dir
-from cramming.data.shards import PackedDataset, load_manifest
 from cramming.errors import DataError
 
 BEHAVIOUR_KILL = ("the build runs in `<name>-<hash>.partial/` and commits its progress after every batch spooled or "
@@ -84,7 +84,8 @@ class UnitCounter(Counter):
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         super().__init__()
-        from cramming.data import order, pack, shards, spool, tokenizer
+        from cramming.corpus import shards
+        from cramming.data import order, pack, spool, tokenizer
 
         for module, name, phase in ((spool, "_normalize", "spool"), (tokenizer, "train_tokenizer", "tokenizer"),
                                     (pack, "_encode", "encode"), (order, "order_train", "order"),
@@ -244,7 +245,7 @@ def _enospc_after(limit: int):
 
 
 def test_disk_full_while_writing_a_shard(tiny_data, tmp_path, monkeypatch, outcome) -> None:
-    import cramming.data.shards as shards
+    import cramming.corpus.shards as shards
 
     root = tmp_path / "data"
     with monkeypatch.context() as patched:

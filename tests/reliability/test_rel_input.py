@@ -17,8 +17,9 @@ from conftest import REPO, TINY_ARCH
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cramming.config import GpuProfile, parse_budget, to_dataclass
+from cramming.config import parse_budget, to_dataclass
 from cramming.errors import CheckpointError, ConfigError, CrammingError
+from cramming.gpu import GpuProfile
 
 
 @settings(max_examples=300, deadline=None)
@@ -189,7 +190,7 @@ def test_config_values_are_never_evaluated(tmp_path, monkeypatch, outcome) -> No
     except SystemExit as stop:
         assert not stop.code, stop.code
     assert not marker.exists()
-    from cramming.data.shards import load_manifest
+    from cramming.corpus.shards import load_manifest
 
     (folder,) = [p for p in (tmp_path / "d").iterdir() if p.is_dir()]
     assert load_manifest(folder)["data_config"]["text_field"] == code  # kept verbatim, as text

@@ -15,8 +15,8 @@ import torch
 from conftest import TINY_ARCH, TINY_DATA, TINY_GPU, cram, finish, flip_bit, truncate, wait_for, worker
 from omegaconf import OmegaConf
 
-from cramming.config import GpuProfile
 from cramming.errors import CheckpointError, CrammingError
+from cramming.gpu import GpuProfile
 from cramming.model.bert import ModelConfig
 from cramming.train import checkpoint as ckpt_mod
 from cramming.train.checkpoint import latest_checkpoint, load_checkpoint

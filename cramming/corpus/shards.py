@@ -281,7 +281,7 @@ class PackedDataset:
 # ---------------------------------------------------------------------------------------------
 
 
-def _mix(*values: int) -> int:
+def mix_seed(*values: int) -> int:
     """A 63-bit seed from a tuple of ints (decorrelated, unlike seed + n)."""
     return int(np.random.SeedSequence([int(v) for v in values]).generate_state(2, dtype=np.uint64)[0] >> 1)
 
@@ -345,7 +345,7 @@ class _MicroBatches:
             return batch
         if self.masker is None:
             return {"input_ids": ids}
-        gen = torch.Generator().manual_seed(_mix(self.seed, n, self.rank))
+        gen = torch.Generator().manual_seed(mix_seed(self.seed, n, self.rank))
         return self.masker(ids, generator=gen)
 
 
