@@ -14,6 +14,7 @@ import os
 import re
 import types
 import typing
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -160,6 +161,35 @@ def to_dataclass(cls: type[T], node: Any, where: str = "") -> T:
         return cls(**kwargs)
     except TypeError as err:  # e.g. a missing required field
         raise ConfigError(f"invalid config for {where or cls.__name__}: {err}") from None
+
+
+def literal_choices(tp: Any) -> tuple[Any, ...]:
+    """The choices of a `Literal` type, also inside `Optional[...]`/`X | None`; () for other types."""
+    if typing.get_origin(tp) is Literal:
+        return typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return tuple(c for arm in typing.get_args(tp) for c in literal_choices(arm))
+    return ()
+
+
+def validate(obj: Any, where: str, rules: Iterable[tuple[bool, str]] = ()) -> None:
+    """The one check every config dataclass runs in `__post_init__`, so a config built in Python is
+    checked like one composed by Hydra: each `Literal`-typed field must be one of the type's choices
+    (the choices live in the type only), then each `(ok, message)` rule must hold. Messages are
+    prefixed with `where.` (the config group), e.g. "train.lr must be > 0, got -1"."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        choices = literal_choices(hints.get(f.name))
+        value = getattr(obj, f.name)
+        if choices and value not in choices and not (value is None and _optional(hints[f.name])):
+            raise ConfigError(f"{where}.{f.name}={value!r} must be one of: {', '.join(map(str, choices))}")
+    for ok, message in rules:
+        if not ok:
+            raise ConfigError(f"{where}.{message}")
+
+
+def _optional(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
 
 
 def config_hash(obj: Any, length: int = 12) -> str:
