@@ -34,12 +34,12 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 
-from cramming.benchtools import arch_config, cpu_name, write_json_report
-from cramming.gpu import load_profile, match_profile
+from cramming.benchtools import add_arch_options, add_out_option, arch_config, cpu_name, write_json_report
+from cramming.gpu import Precision, load_profile, match_profile
 from cramming.model.bert import CrammedBertForMLM, ModelConfig, count_parameters, training_flops_per_sequence
 
 BASELINE = "BertForMaskedLM (sdpa)"
@@ -369,15 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="what", required=True)
     m = sub.add_parser("model", help="training-step throughput / memory / MFU vs transformers' BertForMaskedLM")
     m.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    m.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    m.add_argument("--precision", choices=get_args(Precision), default="fp32")
     m.add_argument("--compile", action="store_true", help="torch.compile both models (ours with fullgraph)")
-    m.add_argument("--arch", default="crammed-bert", help="arch preset (configs/arch/*.yaml)")
-    m.add_argument("--hidden", type=int)
-    m.add_argument("--layers", type=int)
-    m.add_argument("--heads", type=int)
-    m.add_argument("--intermediate", type=int, help="FFN width (default: the preset's, or 4 x --hidden)")
-    m.add_argument("--vocab", type=int)
-    m.add_argument("--seq-len", type=int, default=128)
+    add_arch_options(m, "crammed-bert", "arch preset (configs/arch/*.yaml)")
     m.add_argument("--batch-size", type=int, help="sequences per step (default 16, or the emulated profile's)")
     m.add_argument("--mask-fraction", type=float, default=0.25, help="masked tokens per row (fixed count)")
     m.add_argument("--repeats", type=int, default=5, help="timed blocks per model (median reported)")
@@ -391,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--peak-tflops", type=float, help="override the profile's peak for MFU")
     m.add_argument("--memory-fraction", type=float, help="torch.cuda.set_per_process_memory_fraction cap")
     m.add_argument("--emulate", help="GPU profile to emulate by memory cap (e.g. rtx2080ti): its micro-batch and precision")
-    m.add_argument("--out", type=Path, help="write the report as JSON here")
+    add_out_option(m)
     m.add_argument("--profile", type=Path, help="also profile --steps steps of crammed-bert: kernel table to this file")
     sub.add_parser("data", help="data loader + masking throughput (cramming.data.benchmark)", add_help=False)
     sub.add_parser("glue", help="GLUE finetuning throughput, trials sequential vs side by side (cramming.glue.benchmark)",

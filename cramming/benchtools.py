@@ -1,5 +1,6 @@
 """What the two benchmarks share (`cram bench model` in cramming/bench.py, `cram bench glue` in
-cramming/glue/benchmark.py): the model shape their --arch options describe, and the machine's name.
+cramming/glue/benchmark.py): the --arch options and the model shape they describe, the machine's
+name, and the --out JSON report.
 
 A ground-floor module, so that the GLUE stage's benchmark needs neither the top floor nor the model
 package: the shape is built into whatever config dataclass the caller passes (the model's
@@ -21,6 +22,18 @@ import yaml
 from cramming.config import CONFIG_DIR
 
 T = TypeVar("T")
+
+
+def add_arch_options(parser: argparse.ArgumentParser, arch_default: str, arch_help: str,
+                     seq_len_help: str | None = None) -> None:
+    """The options `arch_config` reads: --arch (a preset name) and the shape overrides, --seq-len."""
+    parser.add_argument("--arch", default=arch_default, help=arch_help)
+    parser.add_argument("--hidden", type=int)
+    parser.add_argument("--layers", type=int)
+    parser.add_argument("--heads", type=int)
+    parser.add_argument("--intermediate", type=int, help="FFN width (default: the preset's, or 4 x --hidden)")
+    parser.add_argument("--vocab", type=int)
+    parser.add_argument("--seq-len", type=int, default=128, help=seq_len_help)
 
 
 def arch_config(cls: type[T], args: argparse.Namespace) -> T:
@@ -48,8 +61,14 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def add_out_option(parser: argparse.ArgumentParser) -> None:
+    """The --out option `write_json_report` writes to."""
+    parser.add_argument("--out", type=Path, help="write the report as JSON here")
+
+
 def write_json_report(out: Path | None, report: dict[str, Any]) -> None:
-    """Write a benchmark's figures to `--out` as indented JSON (nothing without --out)."""
+    """Write a benchmark's figures to `--out` as indented JSON, and say where (nothing without --out)."""
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {out}")

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from cramming.errors import CrammingError
+from cramming.errors import ConfigError, CrammingError
 
 # Each entry imports its stage when called, so that `cram --help` does not pay for torch and a
 # stage that fails to import cannot break the others.
@@ -100,7 +100,14 @@ def _run_hydra_stage(stage: str, argv: list[str]) -> None:
     import hydra
     from omegaconf import DictConfig
 
-    from cramming.config import CONFIG_DIR, parse_budget
+    from cramming.config import CONFIG_DIR, MOVED_KEYS, parse_budget
+
+    # Hydra would refuse an override of a key that moved with its own "not in struct" message;
+    # say where the key went instead.
+    for arg in argv:
+        key = arg.split("=", 1)[0].lstrip("+~")
+        if "=" in arg and key in MOVED_KEYS:
+            _report_user_error(stage, ConfigError(f"{key} moved: {MOVED_KEYS[key]}"))
 
     @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
     def entry(cfg: DictConfig) -> None:

@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import decimal
 import math
 import os
 import re
 import types
 import typing
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from cramming.checks import validate
 from cramming.errors import ConfigError
 
 
@@ -135,6 +136,17 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     return value
 
 
+# Keys that moved to another home, by their old dotted name: an override or a config that still
+# sets one is told where the value lives now (resume translates saved ones, cramming.train.trainer).
+MOVED_KEYS = {
+    "train.budget_kind": "the budget is the top-level `budget` now: budget=<N>steps, budget=<N>tokens or a "
+                         "duration such as budget=24h",
+    "train.budget_steps": "use budget=<N>steps (e.g. budget=300steps)",
+    "train.budget_tokens": "use budget=<N>tokens (e.g. budget=400ktokens)",
+    "gpu.target_batch_size": "use train.target_batch_size=<N> (rounded down to whole micro-batches per step)",
+}
+
+
 def to_dataclass(cls: type[T], node: Any, where: str = "") -> T:
     """Build `cls` from a config node, rejecting keys that `cls` does not define.
 
@@ -151,9 +163,10 @@ def to_dataclass(cls: type[T], node: Any, where: str = "") -> T:
     unknown = sorted(set(values) - set(names))
     if unknown:
         prefix = f"{where}." if where else ""
+        moved = "".join(f"{prefix}{k} moved: {MOVED_KEYS[prefix + k]}; " for k in unknown if prefix + k in MOVED_KEYS)
         raise ConfigError(
             f"unknown key(s) {', '.join(prefix + k for k in unknown)} for {cls.__name__}; "
-            f"valid keys are: {', '.join(names)}"
+            f"{moved}valid keys are: {', '.join(names)}"
         )
     hints = typing.get_type_hints(cls)
     kwargs = {k: _convert(hints.get(k, Any), v, f"{where}.{k}" if where else k) for k, v in values.items()}
@@ -161,35 +174,6 @@ def to_dataclass(cls: type[T], node: Any, where: str = "") -> T:
         return cls(**kwargs)
     except TypeError as err:  # e.g. a missing required field
         raise ConfigError(f"invalid config for {where or cls.__name__}: {err}") from None
-
-
-def literal_choices(tp: Any) -> tuple[Any, ...]:
-    """The choices of a `Literal` type, also inside `Optional[...]`/`X | None`; () for other types."""
-    if typing.get_origin(tp) is Literal:
-        return typing.get_args(tp)
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return tuple(c for arm in typing.get_args(tp) for c in literal_choices(arm))
-    return ()
-
-
-def validate(obj: Any, where: str, rules: Iterable[tuple[bool, str]] = ()) -> None:
-    """The one check every config dataclass runs in `__post_init__`, so a config built in Python is
-    checked like one composed by Hydra: each `Literal`-typed field must be one of the type's choices
-    (the choices live in the type only), then each `(ok, message)` rule must hold. Messages are
-    prefixed with `where.` (the config group), e.g. "train.lr must be > 0, got -1"."""
-    hints = typing.get_type_hints(type(obj))
-    for f in dataclasses.fields(obj):
-        choices = literal_choices(hints.get(f.name))
-        value = getattr(obj, f.name)
-        if choices and value not in choices and not (value is None and _optional(hints[f.name])):
-            raise ConfigError(f"{where}.{f.name}={value!r} must be one of: {', '.join(map(str, choices))}")
-    for ok, message in rules:
-        if not ok:
-            raise ConfigError(f"{where}.{message}")
-
-
-def _optional(tp: Any) -> bool:
-    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
 
 
 def config_hash(obj: Any, length: int = 12) -> str:
@@ -207,29 +191,64 @@ def config_hash(obj: Any, length: int = 12) -> str:
 # Budgets
 # ---------------------------------------------------------------------------------------------
 
+BudgetKind = Literal["time", "tokens", "steps"]
+"""What a budget counts: wall-clock seconds, tokens (sequences x seq_len over all ranks) or optimizer steps."""
+
+_NUMBER = r"(\d+(?:\.\d*)?|\.\d+)"
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_BUDGET_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([smhd]?)\s*$", re.IGNORECASE)
-BUDGET_FORMS = "a number with a unit s, m, h or d (e.g. 24h, 90m, 45s, 1.5h, 1d), or a bare number of hours (e.g. 24)"
+_DURATION_RE = re.compile(rf"^\s*{_NUMBER}\s*([smhd]?)\s*$", re.IGNORECASE)
+# Counts are large, so they also take an exponent (1e9tokens) and a k/M/G multiplier (2.5Mtokens).
+_COUNT_RE = re.compile(rf"^\s*{_NUMBER}(e[+-]?\d{{1,3}})?\s*([kmg]?)\s*(tokens?|steps?)\s*$", re.IGNORECASE)
+_MULTIPLIER_EXPONENTS = {"": 0, "k": 3, "m": 6, "g": 9}
+_SUFFIXES = {"time": "s", "tokens": "tokens", "steps": "steps"}
+BUDGET_FORMS = ("a duration: a number with a unit s, m, h or d (e.g. 24h, 90m, 45s, 1.5h, 1d) or a bare number of "
+                "hours (e.g. 24); or optimizer steps: <N>steps (e.g. 300steps); or tokens: <N>tokens, optionally "
+                "with k, M or G (e.g. 400ktokens, 2.5Mtokens, 1e9tokens)")
 
 
-def parse_budget(value: str | int | float) -> float:
-    """Parse a wall-clock budget into seconds.
+@dataclasses.dataclass(frozen=True)
+class BudgetSpec:
+    """A parsed top-level `budget`: what it counts and how much of it."""
 
-    A bare number means hours, as budgets are quoted in the Cramming paper ("24 hours").
+    kind: BudgetKind
+    """time, tokens or steps."""
+    amount: float
+    """Seconds, tokens or optimizer steps (a whole number for tokens and steps)."""
+
+    def __post_init__(self) -> None:
+        validate(self, "budget", [(math.isfinite(self.amount) and self.amount > 0,
+                                   f"amount must be a positive number, got {self.amount}")])
+
+    def __str__(self) -> str:
+        """The `budget` value that parses back to this spec, e.g. 5400s, 300steps, 400000tokens."""
+        return f"{self.amount:.15g}{_SUFFIXES[self.kind]}"
+
+
+def parse_budget(value: str | int | float) -> BudgetSpec:
+    """Parse the top-level `budget`: a wall-clock duration, or a number of optimizer steps or tokens.
+
+    A bare number means hours, as budgets are quoted in the Cramming paper ("24 hours"). Units are
+    case-insensitive, so 10M is ten minutes and 2.5mtokens 2.5 million tokens.
     """
     if isinstance(value, bool):
-        raise ConfigError(f"budget={value!r} is not a duration; use {BUDGET_FORMS}")
+        raise ConfigError(f"budget={value!r} is not a budget; use {BUDGET_FORMS}")
     if isinstance(value, (int, float)):
-        seconds = float(value) * 3600.0
+        kind, amount = "time", float(value) * 3600.0
+    elif duration := _DURATION_RE.match(str(value)):
+        number, unit = duration.groups()
+        kind, amount = "time", float(number) * _UNITS[(unit or "h").lower()]
+    elif count := _COUNT_RE.match(str(value)):
+        number, exponent, multiplier, unit = count.groups()
+        kind = "tokens" if unit.lower().startswith("token") else "steps"
+        exact = decimal.Decimal(number + (exponent or "")).scaleb(_MULTIPLIER_EXPONENTS[multiplier.lower()])
+        if exact != exact.to_integral_value():
+            raise ConfigError(f"budget={value!r} is not a whole number of {kind}; use {BUDGET_FORMS}")
+        amount = float(exact)
     else:
-        match = _BUDGET_RE.match(str(value))
-        if match is None:
-            raise ConfigError(f"budget={value!r} is not a duration; use {BUDGET_FORMS}")
-        number, unit = match.groups()
-        seconds = float(number) * _UNITS[(unit or "h").lower()]
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise ConfigError(f"budget={value!r} must be a positive duration; use {BUDGET_FORMS}")
-    return seconds
+        raise ConfigError(f"budget={value!r} is not a budget; use {BUDGET_FORMS}")
+    if not math.isfinite(amount) or amount <= 0:
+        raise ConfigError(f"budget={value!r} must be positive and finite; use {BUDGET_FORMS}")
+    return BudgetSpec(kind, amount)
 
 
 def format_duration(seconds: float) -> str:

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from omegaconf import OmegaConf
 
+from cramming.checks import validate
 from cramming.config import CONFIG_DIR, to_container, to_dataclass
 from cramming.errors import ConfigError
 
@@ -33,8 +34,6 @@ class GpuProfile:
     """Torch device type."""
     micro_batch_size: int = 32
     """Sequences per forward/backward pass (the largest that fits at 128 tokens for crammed-bert)."""
-    target_batch_size: int = 256
-    """Sequences per optimizer step reached by the batch ramp (accumulated micro-batches)."""
     precision: Precision = "fp32"
     """fp16 (autocast + loss scaling, for Turing which lacks bf16), bf16 (Ampere and later), or fp32."""
     compile: bool = False
@@ -47,19 +46,12 @@ class GpuProfile:
     """DataLoader worker processes."""
 
     def __post_init__(self) -> None:
-        if self.micro_batch_size < 1:
-            raise ConfigError(f"gpu.micro_batch_size must be >= 1, got {self.micro_batch_size}")
-        if self.target_batch_size < self.micro_batch_size:
-            raise ConfigError(
-                f"gpu.target_batch_size ({self.target_batch_size}) must be >= gpu.micro_batch_size "
-                f"({self.micro_batch_size})"
-            )
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise ConfigError(f"gpu.precision must be one of fp32, bf16, fp16; got {self.precision!r}")
-        if self.device not in ("cpu", "cuda"):
-            raise ConfigError(f"gpu.device must be cpu or cuda; got {self.device!r}")
-        if self.num_workers < 0:
-            raise ConfigError(f"gpu.num_workers must be >= 0, got {self.num_workers}")
+        # device and precision are checked against their Literal types; the target batch is the
+        # recipe's (train.target_batch_size), rounded to whole micro-batches by the trainer.
+        validate(self, "gpu", [
+            (self.micro_batch_size >= 1, f"micro_batch_size must be >= 1, got {self.micro_batch_size}"),
+            (self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}"),
+        ])
 
 
 def available_profiles() -> list[str]:

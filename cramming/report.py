@@ -34,20 +34,16 @@ from typing import Any
 from cramming import runs as run_files
 from cramming.errors import CrammingError
 from cramming.fileio import write_atomic
-from cramming.runs import GLUE_COLUMNS, finite_float, glue_columns
-
-# Official GLUE training-set sizes (rows), to flag runs on subsets: their scores are not comparable.
-OFFICIAL_TRAIN_ROWS = {"cola": 8551, "sst2": 67349, "mrpc": 3668, "stsb": 5749, "qqp": 363846,
-                       "mnli": 392702, "qnli": 104743, "rte": 2490}
+from cramming.runs import GLUE_COLUMNS, GLUE_TRAIN_ROWS, finite_float, glue_columns
 
 # Key values shown per config group (others are in the full config at the end of the report).
 KEY_FIELDS = {
     "arch": ("hidden_size", "num_layers", "num_heads", "intermediate_size", "vocab_size", "max_seq_len",
              "ffn", "norm_position", "attention_backend"),
     "train": ("lr", "lr_schedule", "warmup_fraction", "target_batch_size", "ramp_fraction", "mask_rate",
-              "budget_kind", "grad_clip", "weight_decay"),
+              "grad_clip", "weight_decay"),
     "data": ("source", "tokenizer", "vocab_size", "seq_len", "compression_filter", "sorting", "lowercase"),
-    "gpu": ("device", "micro_batch_size", "target_batch_size", "precision", "compile"),
+    "gpu": ("device", "micro_batch_size", "precision", "compile"),
 }
 NA = "n/a"
 
@@ -296,15 +292,17 @@ def pretrain_stats(run: PretrainRun) -> dict[str, Any]:
 
 
 def _budget_seconds(budget: Any) -> float | None:
-    """Budget in seconds from the config string, with the project's parser when it accepts it."""
+    """A time budget in seconds from the config string, with the project's parser when it accepts it;
+    None for a token or step budget."""
     if budget is None:
         return None
     from cramming.config import parse_budget
 
     try:
-        return parse_budget(budget)
+        spec = parse_budget(budget)
     except CrammingError:  # an unparsable budget only costs the "budget used" cell
         return None
+    return spec.amount if spec.kind == "time" else None
 
 
 def is_subset(results: dict[str, Any]) -> bool:
@@ -314,7 +312,7 @@ def is_subset(results: dict[str, Any]) -> bool:
         return True
     for name, task in results.get("tasks", {}).items():
         train = finite_float((task.get("examples") or {}).get("train"))
-        if train is not None and name in OFFICIAL_TRAIN_ROWS and train < OFFICIAL_TRAIN_ROWS[name]:
+        if train is not None and name in GLUE_TRAIN_ROWS and train < GLUE_TRAIN_ROWS[name]:
             return True
     return False
 

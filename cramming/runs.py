@@ -307,6 +307,11 @@ GLUE_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("RTE", "rte", "accuracy"),
 )
 
+# Rows of each task's full official GLUE training set: the report flags runs on fewer rows (their
+# scores are not comparable) and `cram bench glue` projects a full evaluation's time to them.
+GLUE_TRAIN_ROWS: dict[str, int] = {"cola": 8551, "sst2": 67349, "mrpc": 3668, "stsb": 5749, "qqp": 363846,
+                                   "mnli": 392702, "qnli": 104743, "rte": 2490}
+
 GLUE_CONVENTION = (
     "plain mean of the nine columns (MNLI-m and MNLI-mm both counted, WNLI excluded): accuracy for MNLI-m, "
     "MNLI-mm, QNLI, SST-2, RTE; F1 for QQP and MRPC; Spearman for STS-B; Matthews correlation for CoLA; each "

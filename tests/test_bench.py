@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from cramming import bench
+from cramming.benchtools import arch_config
+from cramming.model.bert import ModelConfig
 
 
 @pytest.mark.slow
@@ -34,6 +36,18 @@ def test_bench_model_runs_and_reports_sane_numbers(tmp_path, capsys):
     assert sum(profiled["shares"].values()) == pytest.approx(1.0) and profiled["shares"]["matmul"] > 0
     table = capsys.readouterr().out
     assert "| crammed-bert |" in table and "tokens/s" in table
+
+
+def test_both_benchmarks_read_one_set_of_arch_options():
+    from cramming.glue import benchmark as glue_bench
+
+    model_args = bench.build_parser().parse_args(["model", "--hidden", "48", "--seq-len", "300"])
+    glue_args = glue_bench.build_parser().parse_args(["--hidden", "48", "--seq-len", "300"])
+    assert (model_args.arch, glue_args.arch) == ("crammed-bert", "demo")  # each benchmark's own default
+    cfg = arch_config(ModelConfig, glue_args)
+    # The preset with the overrides: BERT's 4x FFN ratio kept, the positions long enough for --seq-len.
+    assert (cfg.name, cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.max_seq_len) == ("demo", 48, 192, 4, 300)
+    assert arch_config(ModelConfig, model_args).name == "crammed-bert"
 
 
 def test_bench_rejects_unknown_arch():

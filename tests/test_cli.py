@@ -67,15 +67,26 @@ def test_cfg_job_prints_resolved_rtx2080ti_profile(tmp_path):
     cfg = yaml.safe_load(out.stdout)
     assert cfg["gpu"]["micro_batch_size"] == 96
     assert cfg["gpu"]["precision"] == "fp16"
-    assert cfg["gpu"]["target_batch_size"] == 4032
-    assert cfg["budget"] == "24h"
+    # The target batch is the recipe's only (the trainer rounds 4096 to 4032 = 42 x 96 micro-batches here).
+    assert cfg["train"]["target_batch_size"] == 4096 and "target_batch_size" not in cfg["gpu"]
+    assert cfg["budget"] == "24h" and "budget_kind" not in cfg["train"]
 
 
-def test_bad_budget_names_accepted_forms(tmp_path):
-    out = cram("pretrain", "budget=banana", cwd=tmp_path)
+@pytest.mark.parametrize("bad", ["banana", "0steps"])
+def test_bad_budget_names_accepted_forms(tmp_path, bad):
+    out = cram("pretrain", f"budget={bad}", cwd=tmp_path)
     assert out.returncode != 0
-    assert "banana" in out.stderr and "24h" in out.stderr and "90m" in out.stderr
+    assert bad in out.stderr and "24h" in out.stderr and "90m" in out.stderr and "300steps" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(("override", "hint"), [("train.budget_kind=steps", "budget=<N>steps"),
+                                               ("+train.budget_steps=300", "budget=300steps"),
+                                               ("gpu.target_batch_size=64", "train.target_batch_size")])
+def test_moved_key_says_where_it_went(tmp_path, override, hint):
+    out = cram("pretrain", override, "--cfg", "job", cwd=tmp_path)
+    assert out.returncode == 2 and hint in out.stderr and "moved" in out.stderr
+    assert "Traceback" not in out.stderr and "not in struct" not in out.stderr
 
 
 def test_unknown_group_option_is_rejected(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from cramming.config import CONFIG_DIR, config_hash, parse_budget, resolve_paths, to_dataclass
+from cramming.config import CONFIG_DIR, BudgetSpec, config_hash, parse_budget, resolve_paths, to_dataclass
 from cramming.errors import ConfigError
 from cramming.gpu import GpuProfile, available_profiles, load_profile, resolve_gpu
 
@@ -20,14 +20,42 @@ from cramming.gpu import GpuProfile, available_profiles, load_profile, resolve_g
      (24, 86400), (0.5, 1800), (" 2H ", 7200), (".5m", 30), ("10M", 600)],
 )
 def test_budget_forms(text, seconds):
-    assert parse_budget(text) == pytest.approx(seconds)
+    spec = parse_budget(text)
+    assert spec.kind == "time" and spec.amount == pytest.approx(seconds)
 
 
-@pytest.mark.parametrize("bad", ["banana", "", "h", "24x", "1h30m", "-3h", "0", "0h", 0, -1, "nan", "inf", True, "1e3h"])
+@pytest.mark.parametrize(
+    ("text", "kind", "amount"),
+    [("300steps", "steps", 300), ("1step", "steps", 1), (" 2 Steps ", "steps", 2), ("1e3steps", "steps", 1000),
+     ("400ktokens", "tokens", 400_000), ("2.5Mtokens", "tokens", 2_500_000), ("1e9tokens", "tokens", 1e9),
+     ("1.1ktokens", "tokens", 1100), ("1token", "tokens", 1), ("3Gtokens", "tokens", 3e9), ("64 TOKENS", "tokens", 64)],
+)
+def test_budget_counts(text, kind, amount):
+    assert parse_budget(text) == BudgetSpec(kind, amount)
+
+
+@pytest.mark.parametrize("spec", [BudgetSpec("time", 5400), BudgetSpec("time", 0.5), BudgetSpec("steps", 300),
+                                  BudgetSpec("tokens", 2.5e6), BudgetSpec("tokens", 1e20)])
+def test_budget_spec_text_parses_back(spec):
+    assert parse_budget(str(spec)) == spec
+
+
+@pytest.mark.parametrize("bad", ["banana", "", "h", "24x", "1h30m", "-3h", "0", "0h", 0, -1, "nan", "inf", True, "1e3h",
+                                 "0steps", "-5steps", "2.5steps", "1.5tokens", "steps", "10Ksteps5", "1e9999tokens",
+                                 "5 tokens steps", "3epochs"])
 def test_budget_rejects_with_accepted_forms(bad):
     with pytest.raises(ConfigError) as err:
         parse_budget(bad)
-    assert "24h" in str(err.value) and "90m" in str(err.value)
+    message = str(err.value)
+    assert repr(bad) in message
+    assert all(form in message for form in ("24h", "90m", "300steps", "400ktokens"))
+
+
+def test_budget_spec_validates():
+    with pytest.raises(ConfigError, match="budget.kind='epochs' must be one of: time, tokens, steps"):
+        BudgetSpec("epochs", 1)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="budget.amount must be a positive number"):
+        BudgetSpec("steps", 0)
 
 
 def test_all_profiles_load_and_follow_the_paper():
@@ -36,12 +64,10 @@ def test_all_profiles_load_and_follow_the_paper():
     profiles = {n: load_profile(n) for n in names}
     assert profiles["rtx2080ti"].micro_batch_size == 96
     assert profiles["rtx2080ti"].precision == "fp16"  # Turing has no bf16
-    assert profiles["rtx2080ti"].target_batch_size == 4032
     assert profiles["rtxa4000"].micro_batch_size == 128
     assert profiles["rtxa6000"].micro_batch_size == 256
     for name in ("rtxa4000", "rtxa6000", "a100", "h100"):
         assert profiles[name].precision == "bf16"
-        assert profiles[name].target_batch_size == 4096
     assert profiles["cpu"].precision == "fp32" and profiles["cpu"].device == "cpu"
     assert not profiles["cpu"].compile
 
@@ -86,10 +112,30 @@ def test_auto_profile_detection(monkeypatch, device_name, bf16, memory_gb, expec
 
 
 def test_profile_validation():
-    with pytest.raises(ConfigError, match="target_batch_size"):
-        GpuProfile(micro_batch_size=64, target_batch_size=32)
-    with pytest.raises(ConfigError, match="precision"):
-        GpuProfile(precision="int8")
+    with pytest.raises(ConfigError, match="gpu.micro_batch_size must be >= 1, got 0"):
+        GpuProfile(micro_batch_size=0)
+    with pytest.raises(ConfigError, match="gpu.precision='int8' must be one of: fp32, bf16, fp16"):
+        GpuProfile(precision="int8")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="gpu.device='tpu' must be one of: cpu, cuda"):
+        GpuProfile(device="tpu")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="gpu.num_workers must be >= 0"):
+        GpuProfile(num_workers=-1)
+
+
+def test_moved_keys_say_where_they_live_now():
+    from cramming.train.config import TrainConfig
+
+    with pytest.raises(ConfigError) as err:
+        to_dataclass(TrainConfig, {"budget_kind": "steps", "budget_steps": 300}, "train")
+    message = str(err.value)
+    assert "train.budget_kind moved" in message and "budget=<N>steps" in message and "valid keys are" in message
+    with pytest.raises(ConfigError, match=r"gpu.target_batch_size moved: use train.target_batch_size=<N>"):
+        to_dataclass(GpuProfile, {"target_batch_size": 4096}, "gpu")
+    # Through Hydra, an added (+) key reaches the dataclass and gets the same hint.
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["+train.budget_tokens=1000"])
+    with pytest.raises(ConfigError, match=r"train.budget_tokens moved: use budget=<N>tokens"):
+        to_dataclass(TrainConfig, cfg.train, "train")
 
 
 @dataclasses.dataclass

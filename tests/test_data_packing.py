@@ -266,10 +266,10 @@ def test_tiny_pretrain_on_doc_bounded_data(tmp_path: Path) -> None:
                               packing="doc-bounded"), tmp_path / "data")
     assert load_manifest(data)["counts"]["pad_tokens"] > 0
     arch = ModelConfig(name="tiny-test", hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_seq_len=L)
-    gpu = GpuProfile(name="cpu", micro_batch_size=16, target_batch_size=32, num_workers=0)
-    train = TrainConfig(log_interval=1, eval_batches=2, checkpoint_interval_minutes=0.0, reserve_margin_s=1.0,
-                        budget_kind="steps", budget_steps=3, fixed_count=True)
-    pretrain(train, arch, gpu, data, tmp_path / "run")
+    gpu = GpuProfile(name="cpu", micro_batch_size=16, num_workers=0)
+    train = TrainConfig(target_batch_size=32, log_interval=1, eval_batches=2, checkpoint_interval_minutes=0.0,
+                        reserve_margin_s=1.0, fixed_count=True)
+    pretrain(train, arch, gpu, data, tmp_path / "run", budget="3steps")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["skipped_steps"] == 0
     assert np.isfinite(summary["final_loss"]) and np.isfinite(summary["val_loss"])

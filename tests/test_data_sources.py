@@ -13,7 +13,7 @@ from cramming.corpus.shards import load_manifest
 from cramming.data import sources
 from cramming.data.prepare import DataConfig, prepare
 from cramming.data.sources import HubSource, SourceStats, iter_documents, iter_hub
-from cramming.errors import DataError
+from cramming.errors import ConfigError, DataError
 
 
 def docs_of(**kw) -> tuple[list[str], SourceStats]:
@@ -134,5 +134,5 @@ def test_unreachable_hub_fails_with_advice(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_packaged_builder_needs_files() -> None:
-    with pytest.raises(DataError, match="data_files"):
+    with pytest.raises(ConfigError, match=r"data.hub_sources\[json\].data_files is empty"):
         HubSource(path="json")

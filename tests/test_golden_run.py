@@ -34,10 +34,10 @@ def _run(tmp: Path) -> list[dict]:
     data = prepare(DataConfig(name="golden", source="embedded", embedded_files=["austen"], max_chars=200_000,
                               vocab_size=400, seq_len=32, val_fraction=0.05, compression_threshold=1.0), tmp / "data")
     arch = ModelConfig(name="golden", hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_seq_len=32)
-    train = TrainConfig(budget_kind="steps", budget_steps=STEPS, log_interval=1, eval_batches=2,
-                        checkpoint_interval_minutes=0.0, reserve_margin_s=0.0)
-    gpu = GpuProfile(name="cpu", micro_batch_size=8, target_batch_size=32, num_workers=0)
-    pretrain(train, arch, gpu, data, tmp / "run", budget_s=3600.0, seed=0)
+    train = TrainConfig(target_batch_size=32, log_interval=1, eval_batches=2, checkpoint_interval_minutes=0.0,
+                        reserve_margin_s=0.0)
+    gpu = GpuProfile(name="cpu", micro_batch_size=8, num_workers=0)
+    pretrain(train, arch, gpu, data, tmp / "run", budget=f"{STEPS}steps", seed=0)
     recs = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
     keys = ("step", "loss", "lr", "batch_size", "tokens_seen", "val_loss")
     return [{k: r[k] for k in keys if k in r} | {"event": r.get("event", "train")} for r in recs]

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from cramming.runs import read_results
+
 REPO = Path(__file__).resolve().parents[1]
 GLUE_DEMO = REPO / "cramming" / "assets" / "glue_demo"
 DATA = ["data=embedded", "data.vocab_size=1024", "data.max_documents=4000"]
@@ -32,7 +34,7 @@ def test_demo_pipeline_end_to_end(tmp_path):
     common = ["gpu=cpu", f"paths.data_root={tmp_path / 'cache'}", f"paths.out_root={tmp_path / 'out'}", "run_name=run"]
     cram("data", *DATA, *common, cwd=tmp_path)
     cram("pretrain", *DATA, *common, "arch=tiny", "budget=25s", "train.log_interval=2",
-         "gpu.micro_batch_size=16", "gpu.target_batch_size=64", cwd=tmp_path)
+         "gpu.micro_batch_size=16", "train.target_batch_size=64", cwd=tmp_path)
     run = tmp_path / "out" / "pretrain" / "run"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] > 5 and summary["elapsed_s"] <= 25 + 3
@@ -43,7 +45,7 @@ def test_demo_pipeline_end_to_end(tmp_path):
     cram("glue", f"ckpt={run / 'final'}", f"glue.data_dir={GLUE_DEMO}", "glue.tasks=[rte,sst2,stsb]",
          "glue.trials=2", "glue.epochs=1", "glue.max_train_examples=128", "glue.max_eval_examples=64", *common,
          cwd=tmp_path)
-    results = json.loads((tmp_path / "out" / "glue" / "run" / "results.json").read_text())
+    results = read_results(tmp_path / "out" / "glue" / "run")
     for task in ("rte", "sst2", "stsb"):
         assert len(results["tasks"][task]["trials"]) == 2
 

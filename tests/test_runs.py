@@ -209,6 +209,13 @@ def test_glue_columns_of_partial_results() -> None:
     assert runs.glue_columns({"glue": {"columns": {"RTE": 50.0, "CoLA": 30.0}}})[1:] == (None, 40.0)
 
 
+def test_glue_tables_cover_the_glue_stage_tasks() -> None:
+    # runs may not import the GLUE stage, so its tables of the tasks are checked against it here.
+    from cramming.glue.tasks import GLUE_TASKS
+
+    assert set(runs.GLUE_TRAIN_ROWS) == set(GLUE_TASKS) == {task for _, task, _ in runs.GLUE_COLUMNS}
+
+
 def test_finite_float() -> None:
     assert [runs.finite_float(x) for x in (3, "2.5", None, True, "x", float("inf"), float("nan"), [1])] == \
         [3.0, 2.5, None, None, None, None, None, None]

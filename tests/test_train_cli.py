@@ -4,6 +4,7 @@ SIGTERM to the whole process group (as a terminal, Slurm or `docker stop` sends 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -13,11 +14,14 @@ import time
 from pathlib import Path
 
 import pytest
+from omegaconf import DictConfig, OmegaConf
+
+from cramming.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = ["data.embedded_files=[moby_dick]", "data.max_chars=200000", "data.vocab_size=300", "data.seq_len=32",
         "data.compression_threshold=1.0"]
-GPU = ["gpu=cpu", "gpu.micro_batch_size=16", "gpu.target_batch_size=64", "arch=tiny"]
+GPU = ["gpu=cpu", "gpu.micro_batch_size=16", "train.target_batch_size=64", "arch=tiny"]
 
 
 def _cram(args: list[str], cwd: Path, **kw) -> subprocess.Popen:
@@ -45,7 +49,7 @@ def test_train_stage_does_not_build_data() -> None:
 
 
 # A few optimizer steps: these tests are about what happens around training, not training itself.
-SHORT = ["train.budget_kind=steps", "train.budget_steps=3", "train.eval_batches=2", "gpu.num_workers=0"]
+SHORT = ["budget=3steps", "train.eval_batches=2", "gpu.num_workers=0"]
 
 
 def _cram_here(args: list[str], monkeypatch) -> int:
@@ -120,6 +124,50 @@ def test_tilde_paths_mean_home_in_every_stage(tmp_path, monkeypatch) -> None:
     assert report_main(["~/out/pretrain/r"]) == 0 and (run / "report.md").is_file()
     assert list((home / "dc").glob("*/manifest.json"))
     assert not any(p.name == "~" for p in tmp_path.rglob("*")), "a literal ~ folder was created"
+
+
+def _saved_before_one_home(overrides: list[str], **old: dict) -> DictConfig:
+    """A run config as checkpoints saved it before the budget and target batch had one home each."""
+    from hydra import compose, initialize_config_dir
+
+    from cramming.config import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = OmegaConf.to_container(compose(config_name="config", overrides=overrides), resolve=True)
+    for group, values in old.items():
+        cfg[group].update(values)
+    return OmegaConf.create(OmegaConf.to_yaml(OmegaConf.create(cfg)))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "old", "budget", "target"),
+    [(["budget=24h", "gpu=rtx2080ti"], dict(train=dict(budget_kind="steps", budget_steps=300, budget_tokens=None,
+                                                       target_batch_size=None), gpu=dict(target_batch_size=4032)),
+      "300steps", 4032),
+     (["budget=90m", "gpu=cpu"], dict(train=dict(budget_kind="tokens", budget_steps=None, budget_tokens=400_000),
+                                      gpu=dict(target_batch_size=256)), "400000tokens", 4096),
+     (["budget=90m", "gpu=cpu", "train=bert-original"],
+      dict(train=dict(budget_kind="time", budget_steps=None, budget_tokens=None, target_batch_size=None),
+           gpu=dict(target_batch_size=256)), "90m", 256),
+     (["budget=1h", "gpu=auto"], dict(train=dict(budget_kind="time", budget_steps=None, budget_tokens=None,
+                                                 target_batch_size=None), gpu=dict(target_batch_size=None)),
+      "1h", 4096)],
+)
+def test_saved_config_from_before_one_home_resumes_with_its_budget(overrides, old, budget, target) -> None:
+    from cramming.config import parse_budget, to_dataclass
+    from cramming.gpu import resolve_gpu
+    from cramming.train.config import TrainConfig
+    from cramming.train.trainer import upgrade_saved_config
+
+    saved = _saved_before_one_home(overrides, **old)
+    with pytest.raises(ConfigError, match="moved"):  # as saved, today's dataclasses reject the old keys
+        to_dataclass(TrainConfig, saved.train, "train")
+    upgraded = upgrade_saved_config(saved)
+    assert upgraded.budget == budget and parse_budget(upgraded.budget) == parse_budget(budget)
+    assert to_dataclass(TrainConfig, upgraded.train, "train").target_batch_size == target
+    assert "target_batch_size" not in upgraded.gpu
+    resolve_gpu(upgraded.gpu)
+    assert upgrade_saved_config(copy.deepcopy(upgraded)) == upgraded  # today's configs pass through unchanged
 
 
 @pytest.mark.slow

@@ -44,11 +44,12 @@ def tiny_arch():
     return ModelConfig(name="tiny-test", hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_seq_len=32)
 
 
-GPU = GpuProfile(name="cpu", micro_batch_size=16, target_batch_size=64, num_workers=0)
+GPU = GpuProfile(name="cpu", micro_batch_size=16, num_workers=0)
 
 
 def train_cfg(**overrides) -> TrainConfig:
-    base = dict(log_interval=2, eval_batches=4, checkpoint_interval_minutes=0.0, reserve_margin_s=1.0)
+    base = dict(target_batch_size=64, log_interval=2, eval_batches=4, checkpoint_interval_minutes=0.0,
+                reserve_margin_s=1.0)
     return TrainConfig(**{**base, **overrides})
 
 
@@ -67,12 +68,14 @@ def test_time_budget_run_ends_in_budget_with_export_and_falling_loss(data_dir, t
     budget = 12.0
     start = time.monotonic()
     with caplog.at_level("WARNING", logger="cramming.train"):
-        final = pretrain(train_cfg(lr=5e-3), tiny_arch(), GPU, data_dir, tmp_path, budget_s=budget, seed=0)
+        final = pretrain(train_cfg(lr=5e-3), tiny_arch(), GPU, data_dir, tmp_path, budget=f"{budget}s", seed=0)
     wall = time.monotonic() - start
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["elapsed_s"] <= budget + 1.0, summary  # overrun within a second
     assert wall <= budget + 2.0
     assert summary["elapsed_s"] >= 0.6 * budget  # and the budget was actually used
+    assert summary["budget_kind"] == "time" and summary["budget_s"] == budget
+    assert summary["overrun_s"] == pytest.approx(summary["elapsed_s"] - budget, abs=1e-3)
     for key in ("budget_s", "steps", "tokens_seen", "final_loss", "val_loss", "tokens_per_s", "mfu", "device",
                 "gpu_profile", "precision", "compile", "skipped_steps", "layer_tokens_saved"):
         assert key in summary
@@ -108,29 +111,39 @@ def test_time_budget_run_ends_in_budget_with_export_and_falling_loss(data_dir, t
 def test_step_and_token_budgets(data_dir, tmp_path) -> None:
     from cramming.optim.schedules import lr_factor
 
-    pretrain(train_cfg(budget_kind="steps", budget_steps=7), tiny_arch(), GPU, data_dir, tmp_path / "s")
-    assert json.loads((tmp_path / "s" / "summary.json").read_text())["steps"] == 7
+    pretrain(train_cfg(), tiny_arch(), GPU, data_dir, tmp_path / "s", budget="7steps")
+    summary = json.loads((tmp_path / "s" / "summary.json").read_text())
+    assert summary["steps"] == 7 and summary["budget_kind"] == "steps"
+    assert summary["budget_s"] is None and summary["overrun_s"] is None and summary["budget_amount"] == 7
     # Step n runs at progress (n - 1) / 7, which no rounding keeps: the record holds the exact value.
     train = [r for r in records(tmp_path / "s") if r.get("event") != "eval"]
     assert [r["progress"] for r in train] == [(r["step"] - 1) / 7 for r in train]
     assert all(r["lr"] == 1e-3 * lr_factor(r["progress"], "one-cycle", 0.5) for r in train)
-    pretrain(train_cfg(budget_kind="tokens", budget_tokens=10_000, ramp_fraction=0.0), tiny_arch(), GPU, data_dir,
-             tmp_path / "t")
+    pretrain(train_cfg(ramp_fraction=0.0), tiny_arch(), GPU, data_dir, tmp_path / "t", budget="10ktokens")
     summary = json.loads((tmp_path / "t" / "summary.json").read_text())
+    assert summary["budget_kind"] == "tokens" and summary["budget_s"] is None
     assert summary["tokens_seen"] == 5 * 64 * 32  # 2048 tokens a step: the 5th step crosses 10k
+
+
+def test_target_batch_is_rounded_down_to_whole_micro_batches(data_dir, tmp_path, caplog) -> None:
+    with caplog.at_level("INFO", logger="cramming.train"):
+        pretrain(train_cfg(target_batch_size=56, ramp_fraction=0.0, log_interval=1), tiny_arch(), GPU, data_dir,
+                 tmp_path, budget="2steps")
+    train = [r for r in records(tmp_path) if r.get("event") != "eval"]
+    assert [r["batch_size"] for r in train] == [48, 48]  # 3 micro-batches of 16, not above 56
+    assert any("rounded down" in r.getMessage() and "48 sequences" in r.getMessage() for r in caplog.records)
 
 
 def test_nan_loss_is_skipped_and_counted(data_dir, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv(NAN_STEPS_ENV, "2,3")
-    pretrain(train_cfg(budget_kind="steps", budget_steps=6), tiny_arch(), GPU, data_dir, tmp_path / "a")
+    pretrain(train_cfg(), tiny_arch(), GPU, data_dir, tmp_path / "a", budget="6steps")
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert summary["skipped_steps"] == 2 and summary["steps"] == 6
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records(tmp_path / "a") if r.get("loss") is not None)
     # Too many in a row: stop with a clear message and a checkpoint.
     monkeypatch.setenv(NAN_STEPS_ENV, ",".join(str(i) for i in range(100)))
     with pytest.raises(Interrupted, match="3 non-finite steps in a row") as stop:
-        pretrain(train_cfg(budget_kind="steps", budget_steps=50, max_nonfinite_steps=3), tiny_arch(), GPU, data_dir,
-                 tmp_path / "b")
+        pretrain(train_cfg(max_nonfinite_steps=3), tiny_arch(), GPU, data_dir, tmp_path / "b", budget="50steps")
     assert stop.value.exit_code == 3
     assert latest_checkpoint(tmp_path / "b").name == "step-00000003"
 
@@ -139,9 +152,9 @@ def test_random_ltd_logs_keep_and_savings(data_dir, tmp_path) -> None:
     from cramming.model.bert import ModelConfig
 
     arch = ModelConfig(name="ltd", hidden_size=32, num_layers=4, num_heads=2, intermediate_size=64, max_seq_len=32)
-    cfg = train_cfg(budget_kind="steps", budget_steps=10, log_interval=1,
+    cfg = train_cfg(log_interval=1,
                     random_ltd=RandomLTDConfig(enabled=True, start_keep=16, full_at_fraction=0.5, granularity=8))
-    pretrain(cfg, arch, GPU, data_dir, tmp_path)
+    pretrain(cfg, arch, GPU, data_dir, tmp_path, budget="10steps")
     train = [r for r in records(tmp_path) if r.get("event") != "eval"]
     assert [r["keep_tokens"] for r in train] == [16, 16, 16, 24, 24, 32, 32, 32, 32, 32]
     expected = sum(r["batch_size"] * 2 * (32 - r["keep_tokens"]) for r in train)
@@ -157,7 +170,7 @@ def test_second_run_in_same_folder_refuses(data_dir, tmp_path) -> None:
         tmp_path.mkdir(exist_ok=True)
         (tmp_path / ".lock").write_text(json.dumps({"pid": child.pid, "host": socket.gethostname()}))
         with pytest.raises(CrammingError, match="in use by another run"):
-            pretrain(train_cfg(budget_kind="steps", budget_steps=2), tiny_arch(), GPU, data_dir, tmp_path)
+            pretrain(train_cfg(), tiny_arch(), GPU, data_dir, tmp_path, budget="2steps")
         assert not (tmp_path / "metrics.jsonl").exists()
     finally:
         child.kill()
@@ -239,8 +252,8 @@ def _ddp_worker(rank: int, world_size: int, port: int, data_dir: str, out_dir: s
 
     bert.CrammedBertForMLM = Capture  # keep a handle on this rank's model
     torch.set_num_threads(1)
-    pretrain(train_cfg(budget_kind="steps", budget_steps=6, checkpoint_interval_minutes=0.0),
-             tiny_arch(), GPU, data_dir, Path(out_dir) / "run")
+    pretrain(train_cfg(checkpoint_interval_minutes=0.0), tiny_arch(), GPU, data_dir, Path(out_dir) / "run",
+             budget="6steps")
     save_file({k: v.contiguous() for k, v in built[0].state_dict().items()}, f"{out_dir}/rank{rank}.safetensors")
 
 
@@ -264,7 +277,7 @@ def test_ddp_two_process_gloo_identical_weights(data_dir, tmp_path) -> None:
 
 
 def _main(argv: list[str]) -> int:
-    """Subprocess entry: `run <run_dir> <data_dir> <budget_s> <resume 0|1>`."""
+    """Subprocess entry: `run <run_dir> <data_dir> <budget seconds> <resume 0|1>`."""
     import logging
 
     logging.basicConfig(level=logging.WARNING)
@@ -272,7 +285,7 @@ def _main(argv: list[str]) -> int:
     torch.set_num_threads(1)
     try:
         pretrain(train_cfg(checkpoint_interval_minutes=0.03, log_interval=1), tiny_arch(), GPU, data_dir, run_dir,
-                 budget_s=budget, resume=resume)
+                 budget=f"{budget}s", resume=resume)
     except Interrupted as stop:
         print(f"cram pretrain: {stop}", flush=True)
         return stop.exit_code
@@ -285,14 +298,14 @@ if __name__ == "__main__":
 
 def test_progress_bar_counts_time_left_between_log_steps(data_dir, tmp_path, capsys) -> None:
     # No log step until the end: the bar's time left must still move with every step.
-    pretrain(train_cfg(log_interval=10_000, log_interval_s=0.0), tiny_arch(), GPU, data_dir, tmp_path, budget_s=6.0)
+    pretrain(train_cfg(log_interval=10_000, log_interval_s=0.0), tiny_arch(), GPU, data_dir, tmp_path, budget="6s")
     shown = set(re.findall(r"left=([^,\]\s]+)", capsys.readouterr().err))
     assert len(shown - {"-"}) >= 2, shown
 
 
 def test_budget_smaller_than_setup_warns_and_skips_the_repeated_eval(data_dir, tmp_path, caplog) -> None:
     with caplog.at_level("WARNING", logger="cramming.train"):
-        pretrain(train_cfg(), tiny_arch(), GPU, data_dir, tmp_path, budget_s=0.2)
+        pretrain(train_cfg(), tiny_arch(), GPU, data_dir, tmp_path, budget="0.2s")
     assert any("budget is spent before the first step" in r.getMessage() for r in caplog.records)
     summary = json.loads((tmp_path / "summary.json").read_text())
     evals = [r for r in records(tmp_path) if r.get("event") == "eval"]
@@ -304,8 +317,7 @@ def test_budget_smaller_than_setup_warns_and_skips_the_repeated_eval(data_dir, t
 def test_final_phase_reuses_an_interval_eval_of_the_last_step(data_dir, tmp_path) -> None:
     # An interval this short evaluates after every step, the last one included: the final phase
     # must reuse that loss instead of evaluating the same weights again inside the reserve.
-    pretrain(train_cfg(budget_kind="steps", budget_steps=3, eval_interval_minutes=1e-9), tiny_arch(), GPU, data_dir,
-             tmp_path)
+    pretrain(train_cfg(eval_interval_minutes=1e-9), tiny_arch(), GPU, data_dir, tmp_path, budget="3steps")
     evals = [r for r in records(tmp_path) if r.get("event") == "eval"]
     assert [r["step"] for r in evals] == [0, 1, 2, 3]
     assert json.loads((tmp_path / "summary.json").read_text())["val_loss"] == evals[-1]["val_loss"]
@@ -330,8 +342,7 @@ def test_epochs_count_the_wrap_around_and_a_step_budget_warns_before_training(sm
 
     rows = len(PackedDataset(small_data, "train")) // 16 * 16  # whole micro-batches of 16 per pass
     with caplog.at_level("WARNING", logger="cramming.train"):
-        pretrain(train_cfg(budget_kind="steps", budget_steps=8, ramp_fraction=0.0), tiny_arch(), GPU, small_data,
-                 tmp_path)
+        pretrain(train_cfg(ramp_fraction=0.0), tiny_arch(), GPU, small_data, tmp_path, budget="8steps")
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["rows_drawn"] == 8 * 64 and summary["rows_per_epoch"] == rows
     assert summary["epochs"] == pytest.approx(8 * 64 / rows) and summary["epochs"] > 1
@@ -345,8 +356,7 @@ def test_epochs_count_the_wrap_around_and_a_step_budget_warns_before_training(sm
 
 def test_no_revisit_warning_when_the_budget_fits_in_one_pass(small_data, tmp_path, caplog) -> None:
     with caplog.at_level("WARNING", logger="cramming.train"):
-        pretrain(train_cfg(budget_kind="tokens", budget_tokens=2 * 64 * 32, ramp_fraction=0.0), tiny_arch(), GPU,
-                 small_data, tmp_path)
+        pretrain(train_cfg(ramp_fraction=0.0), tiny_arch(), GPU, small_data, tmp_path, budget=f"{2 * 64 * 32}tokens")
     assert _revisit_warnings(caplog) == []
     assert json.loads((tmp_path / "summary.json").read_text())["epochs"] < 1
 

@@ -105,6 +105,19 @@ def test_batch_ramp_hits_target_at_fraction() -> None:
     assert schedules.batch_size(0.3, **kw) == pytest.approx((96 + 4032) / 2, abs=1)
 
 
+def test_target_batch_rounds_down_to_whole_micro_batches() -> None:
+    # The recipe's 4096 becomes the paper's 4032 = 42 x 96 on a 2080 Ti, and stays on 128/256 micro-batches.
+    assert schedules.round_target_batch(4096, 96) == 4032
+    assert schedules.round_target_batch(4096, 128) == 4096 and schedules.round_target_batch(4096, 256) == 4096
+    assert schedules.round_target_batch(4096, 96, world_size=2) == 4032  # 21 x 96 x 2
+    assert schedules.round_target_batch(4096, 100, world_size=3) == 3900
+    assert schedules.round_target_batch(32, 8) == 32
+    # At least one micro-batch per rank, however small the target.
+    assert schedules.round_target_batch(64, 256) == 256 and schedules.round_target_batch(100, 64, world_size=2) == 128
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        schedules.round_target_batch(4096, 0)
+
+
 def test_batch_ramp_ddp_and_final_batch() -> None:
     assert schedules.accumulation_steps(0.0, 32, 256, 0.5, world_size=2) == 1
     assert schedules.accumulation_steps(0.5, 32, 256, 0.5, world_size=2) == 4  # 4 x 32 x 2 = 256
@@ -192,13 +205,14 @@ def test_token_and_step_budgets() -> None:
 
 def test_train_config_validation() -> None:
     assert TrainConfig().betas == (0.9, 0.98)
-    with pytest.raises(ConfigError, match="lr_schedule"):
-        TrainConfig(lr_schedule="triangle")
-    with pytest.raises(ConfigError, match="budget_tokens"):
-        TrainConfig(budget_kind="tokens")
-    with pytest.raises(ConfigError, match="budget_kind must be one of time, tokens, steps, got 'epochs'"):
-        TrainConfig(budget_kind="epochs")
-    with pytest.raises(ConfigError, match="full_at_fraction"):
+    assert TrainConfig().target_batch_size == 4096
+    with pytest.raises(ConfigError, match="train.lr_schedule='triangle' must be one of: one-cycle, linear"):
+        TrainConfig(lr_schedule="triangle")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="train.target_batch_size must be >= 1, got 0"):
+        TrainConfig(target_batch_size=0)
+    with pytest.raises(ConfigError, match="train.replace_mask \\+ train.replace_random"):
+        TrainConfig(replace_mask=0.9, replace_random=0.2)
+    with pytest.raises(ConfigError, match="train.random_ltd.full_at_fraction must be in"):
         RandomLTDConfig(full_at_fraction=0.0)
 
 
@@ -217,6 +231,7 @@ def test_shipped_train_configs_convert() -> None:
     assert (cram.lr, cram.betas, cram.eps, cram.grad_clip, cram.lr_schedule) == (1e-3, (0.9, 0.98), 1e-12, 0.5, "one-cycle")
     assert (bert.lr, bert.betas, bert.eps, bert.grad_clip, bert.lr_schedule) == (1e-4, (0.9, 0.999), 1e-6, 1.0, "linear")
     assert bert.target_batch_size == 256 and bert.ramp_fraction == 0 and bert.mask_rate == 0.15
+    assert cram.target_batch_size == ltd.target_batch_size == 4096
     assert ltd.random_ltd.enabled and ltd.random_ltd.layer_token_lr and not cram.random_ltd.enabled
 
 

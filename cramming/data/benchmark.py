@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cramming.benchtools import write_json_report
+from cramming.benchtools import add_out_option, write_json_report
 
 _PEAK = r"""
 import resource
@@ -135,7 +135,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers for the loader benchmark")
     p.add_argument("--micro-batch", type=int, default=128)
     p.add_argument("--batches", type=int, default=200, help="micro-batches timed in the loader benchmark")
-    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    add_out_option(p)
     p.add_argument("--workdir", type=Path, default=None, help="keep outputs here (default: a temp dir)")
     args = p.parse_args(argv)
 
@@ -211,8 +211,6 @@ def main(argv: list[str]) -> int:
     print("loader + dynamic masking, micro-batch "
           f"{args.micro_batch}: " + ", ".join(f"{k}: {v:.0f} seq/s" for k, v in loader.items()))
     write_json_report(args.out, result)
-    if args.out:
-        print(f"wrote {args.out}")
     if tmp:
         tmp.cleanup()
     return 0

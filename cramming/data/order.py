@@ -13,10 +13,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 from tqdm.auto import tqdm
+
+# How the train rows are ordered (data.sorting): by prevalence (the paper's curriculum), shuffled, or as packed.
+Sorting = Literal["prevalence", "shuffle", "none"]
 
 # Rows per bucket of the bucket sort, and per chunk of the passes over the rows (a chunk costs 8
 # bytes per token in its int64 / float64 temporaries: 8 MB at 128 tokens per row).
@@ -137,14 +140,14 @@ def argsort_descending(keys: np.ndarray, out: np.ndarray, scratch: Path, bucket_
         path.unlink()
 
 
-def order_train(rows: Any, val: np.ndarray, sorting: str, vocab_size: int, seed: int, out_path: Path,
+def order_train(rows: Any, val: np.ndarray, sorting: Sorting, vocab_size: int, seed: int, out_path: Path,
                 scratch: Path, pad_id: int | None = None, progress: bool = True) -> np.ndarray:
     """The train rows (all but `val`) in `sorting` order, written to `out_path` (int64) and returned
     memory-mapped: by descending mean prevalence (likely rows first), shuffled, or as packed.
 
     `pad_id`: padding to leave out of the prevalence scores (doc-bounded rows).
     """
-    if sorting not in ("prevalence", "shuffle", "none"):
+    if sorting not in get_args(Sorting):
         raise ValueError(f"unknown sorting {sorting!r}")
     n_train = len(rows) - len(val)
     order = _scratch(out_path, np.int64, n_train)

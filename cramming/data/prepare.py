@@ -25,11 +25,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from cramming.checks import validate
 from cramming.config import config_hash, resolve_paths, to_dataclass
+from cramming.data.order import Sorting
 from cramming.data.parallel import resolve_num_proc
 from cramming.data.sources import HubSource
-from cramming.data.tokenizer import TOKENIZER_KINDS
-from cramming.errors import ConfigError, CrammingError, DataError
+from cramming.data.tokenizer import TokenizerKind
+from cramming.errors import CrammingError, DataError
 from cramming.faults import fault_point
 
 if TYPE_CHECKING:
@@ -82,7 +84,7 @@ class DataConfig:
     """Drop exact duplicate documents (after normalisation); the paper found no gain."""
 
     # --- tokenizer ----------------------------------------------------------------------------
-    tokenizer: str = "wordpiece"
+    tokenizer: TokenizerKind = "wordpiece"
     """Tokenizer model: wordpiece (paper), bpe, bytelevel-bpe (RoBERTa), unigram (SentencePiece-like)."""
     vocab_size: int = 32768
     """Vocabulary size including the 5 special tokens (paper: 2^15)."""
@@ -105,7 +107,7 @@ class DataConfig:
     paper). doc-bounded: a row never crosses a document boundary; a document's last row is filled
     with [PAD] and longer documents continue on rows of their own (like RoBERTa's DOC-SENTENCES).
     The loader then adds an attention_mask (pads unattended) and pads are never masked."""
-    sorting: Literal["prevalence", "shuffle", "none"] = "prevalence"
+    sorting: Sorting = "prevalence"
     """Row order of the train split: by descending mean unigram prevalence (paper), shuffled, or as read."""
     val_fraction: float = 0.01
     """Fraction of rows held out for validation (drawn at random before ordering)."""
@@ -133,56 +135,28 @@ class DataConfig:
     """Seed of the tokenizer sample, the validation split, shuffling and static masks."""
 
     def __post_init__(self) -> None:
-        def bad(msg: str) -> ConfigError:
-            return ConfigError(f"data.{msg}")
-
-        if not self.name or "/" in self.name or self.name.startswith("."):
-            raise bad(f"name={self.name!r} must be a plain folder name")
-        if self.source not in ("embedded", "local", "hub"):
-            raise bad(f"source={self.source!r} must be one of embedded, local, hub")
-        if self.source == "local" and not self.local_paths:
-            raise bad("local_paths is empty: give files or folders, e.g. data.local_paths=[/data/books]")
-        if self.source == "hub" and not self.hub_sources:
-            raise bad("hub_sources is empty for source=hub")
-        if self.local_unit not in ("file", "line", "block"):
-            raise bad(f"local_unit={self.local_unit!r} must be file, line or block")
-        if self.local_format not in ("auto", "text", "jsonl", "parquet"):
-            raise bad(f"local_format={self.local_format!r} must be auto, text, jsonl or parquet")
         self.hub_sources = [s if isinstance(s, HubSource) else HubSource(**s) for s in self.hub_sources]
-        for key in ("max_documents", "max_chars", "tokenizer_sample_chars"):
-            v = getattr(self, key)
-            if v is not None and v < 1:
-                raise bad(f"{key}={v} must be >= 1 or null")
-        if self.tokenizer not in TOKENIZER_KINDS:
-            raise bad(f"tokenizer={self.tokenizer!r} must be one of {', '.join(TOKENIZER_KINDS)}")
-        if not 16 <= self.vocab_size <= 2**32:
-            raise bad(f"vocab_size={self.vocab_size} must be between 16 and 2^32")
-        if self.min_frequency < 1:
-            raise bad(f"min_frequency={self.min_frequency} must be >= 1")
-        if self.compression_threshold <= 0:
-            raise bad(f"compression_threshold={self.compression_threshold} must be > 0")
-        if self.seq_len < 2:
-            raise bad(f"seq_len={self.seq_len} must be >= 2")
-        if self.packing not in ("full-sentences", "doc-bounded"):
-            raise bad(f"packing={self.packing!r} must be full-sentences or doc-bounded")
-        if self.sorting not in ("prevalence", "shuffle", "none"):
-            raise bad(f"sorting={self.sorting!r} must be prevalence, shuffle or none")
-        if not 0 <= self.val_fraction < 1:
-            raise bad(f"val_fraction={self.val_fraction} must be in [0, 1)")
-        if self.val_max_sequences < 0:
-            raise bad(f"val_max_sequences={self.val_max_sequences} must be >= 0")
-        if self.shard_sequences < 1:
-            raise bad(f"shard_sequences={self.shard_sequences} must be >= 1")
-        if self.static_masking_copies < 0:
-            raise bad(f"static_masking_copies={self.static_masking_copies} must be >= 0")
-        if not 0 < self.static_mask_rate < 1:
-            raise bad(f"static_mask_rate={self.static_mask_rate} must be in (0, 1)")
-        if self.num_proc < 0:
-            raise bad(f"num_proc={self.num_proc} must be >= 1, or 0 for the cores available")
-        if self.batch_docs < 1:
-            raise bad(f"batch_docs={self.batch_docs} must be >= 1")
-        if self.hub_timeout_s <= 0:
-            raise bad(f"hub_timeout_s={self.hub_timeout_s} must be > 0")
+        limits = {k: getattr(self, k) for k in ("max_documents", "max_chars", "tokenizer_sample_chars")}
+        validate(self, "data", [
+            (bool(self.name) and "/" not in self.name and not self.name.startswith("."),
+             f"name={self.name!r} must be a plain folder name"),
+            (self.source != "local" or bool(self.local_paths),
+             "local_paths is empty: give files or folders, e.g. data.local_paths=[/data/books]"),
+            (self.source != "hub" or bool(self.hub_sources), "hub_sources is empty for source=hub"),
+            *((v is None or v >= 1, f"{k}={v} must be >= 1 or null") for k, v in limits.items()),
+            (16 <= self.vocab_size <= 2**32, f"vocab_size={self.vocab_size} must be between 16 and 2^32"),
+            (self.min_frequency >= 1, f"min_frequency={self.min_frequency} must be >= 1"),
+            (self.compression_threshold > 0, f"compression_threshold={self.compression_threshold} must be > 0"),
+            (self.seq_len >= 2, f"seq_len={self.seq_len} must be >= 2"),
+            (0 <= self.val_fraction < 1, f"val_fraction={self.val_fraction} must be in [0, 1)"),
+            (self.val_max_sequences >= 0, f"val_max_sequences={self.val_max_sequences} must be >= 0"),
+            (self.shard_sequences >= 1, f"shard_sequences={self.shard_sequences} must be >= 1"),
+            (self.static_masking_copies >= 0, f"static_masking_copies={self.static_masking_copies} must be >= 0"),
+            (0 < self.static_mask_rate < 1, f"static_mask_rate={self.static_mask_rate} must be in (0, 1)"),
+            (self.num_proc >= 0, f"num_proc={self.num_proc} must be >= 1, or 0 for the cores available"),
+            (self.batch_docs >= 1, f"batch_docs={self.batch_docs} must be >= 1"),
+            (self.hub_timeout_s > 0, f"hub_timeout_s={self.hub_timeout_s} must be > 0"),
+        ])
 
 
 # Fields that change how fast the data is built, not what is built: left out of the cache key so

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cramming.benchtools import cpu_name, write_json_report
+from cramming.benchtools import add_out_option, cpu_name, write_json_report
 from cramming.data.prepare import PHASE_TIMINGS, DataConfig, prepared_dir
 from cramming.data.sources import embedded_files
 
@@ -152,7 +152,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--poll", type=float, default=0.2, help="seconds between memory samples")
     p.add_argument("--kill-at", type=float, default=None, help="also kill the largest build at this fraction of its time")
     p.add_argument("--workdir", type=Path, default=None, help="keep corpora and outputs here (default: a temp dir)")
-    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    add_out_option(p)
     args = p.parse_args(argv)
     scales = [int(s) for s in args.scale.split(",")]
     procs = [int(n) for n in args.num_proc.split(",")]
@@ -179,8 +179,6 @@ def main(argv: list[str]) -> int:
         print(f"\nkilled at {r['killed_after_s']:.0f} s ({args.kill_at:.0%}) in phase {r['killed_in']}; the rerun "
               f"took {r['rerun_wall_s']:.1f} s = {r['rerun_fraction']:.0%} of the full build")
     write_json_report(args.out, result)
-    if args.out:
-        print(f"wrote {args.out}")
     if tmp:
         tmp.cleanup()
     return 0

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from cramming.checks import validate
 from cramming.data.workdir import BuildInterrupted
 from cramming.errors import DataError
 
@@ -55,10 +56,13 @@ class HubSource:
     """Stop this source after this many documents (the global `data.max_documents` also applies)."""
 
     def __post_init__(self) -> None:
-        if self.path in PACKAGED_BUILDERS and not self.data_files:
-            raise DataError(f"hub source with path={self.path!r} needs data_files (a list of local files)")
-        if self.subsets and not self.subset_field:
-            raise DataError(f"hub source {self.path}: subsets={self.subsets} given but no subset_field to filter on")
+        validate(self, f"data.hub_sources[{self.path}]", [
+            (self.path not in PACKAGED_BUILDERS or bool(self.data_files),
+             f"data_files is empty: the packaged builder {self.path!r} reads local files; list them, "
+             "e.g. data_files=[/data/part-0.jsonl]"),
+            (not self.subsets or bool(self.subset_field),
+             f"subsets={self.subsets} needs a subset_field to filter on (The Pile: meta.pile_set_name)"),
+        ])
 
 
 @dataclass

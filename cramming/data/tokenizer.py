@@ -11,7 +11,7 @@ import itertools
 import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -19,13 +19,13 @@ from cramming.data.normalize import build_normalizer
 from cramming.errors import DataError
 
 TokenizerKind = Literal["wordpiece", "bpe", "bytelevel-bpe", "unigram"]
-TOKENIZER_KINDS: tuple[str, ...] = ("wordpiece", "bpe", "bytelevel-bpe", "unigram")
+"""The tokenizer models `train_tokenizer` builds (and `data.tokenizer` accepts)."""
 
 # name -> token string; the order fixes the ids (trainers put special tokens first, in order).
 SPECIAL_TOKENS: dict[str, str] = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
 
 
-def _model_and_trainer(kind: str, vocab_size: int, min_frequency: int) -> tuple[Tokenizer, trainers.Trainer]:
+def _model_and_trainer(kind: TokenizerKind, vocab_size: int, min_frequency: int) -> tuple[Tokenizer, trainers.Trainer]:
     specials = list(SPECIAL_TOKENS.values())
     unk = SPECIAL_TOKENS["unk"]
     if kind == "wordpiece":
@@ -59,13 +59,13 @@ def _model_and_trainer(kind: str, vocab_size: int, min_frequency: int) -> tuple[
         tok.decoder = decoders.Metaspace()
         trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials, unk_token=unk)
     else:
-        raise DataError(f"unknown tokenizer kind {kind!r}; choose one of: {', '.join(TOKENIZER_KINDS)}")
+        raise DataError(f"unknown tokenizer kind {kind!r}; choose one of: {', '.join(get_args(TokenizerKind))}")
     return tok, trainer
 
 
 def train_tokenizer(
     corpus: Callable[[], Iterable[str | list[str]]],
-    kind: str = "wordpiece",
+    kind: TokenizerKind = "wordpiece",
     vocab_size: int = 32768,
     *,
     lowercase: bool = True,

@@ -9,8 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from cramming.errors import ConfigError
-from cramming.glue.tasks import EXCLUDED_TASKS, GLUE_TASKS, METRIC_NAMES, validate_task_names
+from cramming.checks import validate
+from cramming.glue.tasks import (
+    EXCLUDED_TASKS,
+    GLUE_TASKS,
+    METRIC_NAMES,
+    FileFormat,
+    TaskKind,
+    validate_task_names,
+)
 
 Schedule = Literal["cosine", "linear", "constant"]
 
@@ -29,40 +36,34 @@ class CustomTaskConfig:
     """One column (single sentence) or two (a pair, encoded as [CLS] a [SEP] b [SEP]); header names or JSON keys."""
     label_column: str
     """Column holding the label (classification) or the score (regression)."""
-    kind: Literal["classification", "regression"] = "classification"
+    kind: TaskKind = "classification"
     """classification: cross-entropy over `labels`; regression: one output, MSE loss."""
     metric: str = "accuracy"
     """Headline metric: accuracy, f1, mcc (classification; f1 needs 2 labels) or pearson, spearman (regression)."""
     labels: list[str] | None = None
     """The label values in class-index order; null = the sorted distinct values of the training file."""
-    format: Literal["tsv", "csv", "jsonl"] | None = None
+    format: FileFormat | None = None
     """File format; null = inferred from the file extension."""
 
     def __post_init__(self) -> None:
         import re
 
-        where = f"glue.custom_tasks[{self.name}]"
-        if not re.fullmatch(r"[A-Za-z0-9_-]+", str(self.name)):
-            raise ConfigError(f"{where}: name must use letters, digits, '-' and '_' only")
-        if self.name.lower() in GLUE_TASKS or self.name.lower() in EXCLUDED_TASKS:
-            raise ConfigError(f"{where}: '{self.name}' is a GLUE task name; pick another name")
-        if not 1 <= len(self.text_columns) <= 2:
-            raise ConfigError(f"{where}: text_columns must name 1 or 2 columns, got {list(self.text_columns)}")
-        if self.kind not in ("classification", "regression"):
-            raise ConfigError(f"{where}: kind must be classification or regression, got {self.kind!r}")
-        allowed = METRIC_NAMES[self.kind]
-        if self.metric not in allowed:
-            raise ConfigError(f"{where}: metric {self.metric!r} does not fit kind={self.kind}; choose one of {', '.join(allowed)}")
-        if self.kind == "regression" and self.labels is not None:
-            raise ConfigError(f"{where}: labels must be null for a regression task")
         if self.labels is not None:
             self.labels = [str(v) for v in self.labels]
-            if len(self.labels) < 2 or len(set(self.labels)) != len(self.labels):
-                raise ConfigError(f"{where}: labels must list at least 2 distinct values, got {self.labels}")
-        if self.metric == "f1" and self.labels is not None and len(self.labels) != 2:
-            raise ConfigError(f"{where}: metric f1 needs exactly 2 labels (the second is the positive class)")
-        if self.format not in (None, "tsv", "csv", "jsonl"):
-            raise ConfigError(f"{where}: format must be tsv, csv, jsonl or null, got {self.format!r}")
+        allowed = METRIC_NAMES.get(self.kind, ())
+        validate(self, f"glue.custom_tasks[{self.name}]", [
+            (re.fullmatch(r"[A-Za-z0-9_-]+", str(self.name)) is not None, "name must use letters, digits, '-' and '_' only"),
+            (str(self.name).lower() not in (*GLUE_TASKS, *EXCLUDED_TASKS),
+             f"name={self.name!r} is a GLUE task name; pick another name"),
+            (1 <= len(self.text_columns) <= 2, f"text_columns must name 1 or 2 columns, got {list(self.text_columns)}"),
+            (self.metric in allowed,
+             f"metric={self.metric!r} does not fit kind={self.kind}; choose one of: {', '.join(allowed)}"),
+            (self.kind != "regression" or self.labels is None, "labels must be null for a regression task"),
+            (self.labels is None or 2 <= len(self.labels) == len(set(self.labels)),
+             f"labels must list at least 2 distinct values, got {self.labels}"),
+            (self.metric != "f1" or self.labels is None or len(self.labels) == 2,
+             "metric=f1 needs exactly 2 labels (the second is the positive class)"),
+        ])
 
 
 @dataclass
@@ -135,55 +136,37 @@ class GlueConfig:
     def __post_init__(self) -> None:
         # `glue.tasks=rte` (a bare name) means one task, not the letters r, t, e.
         self.tasks = validate_task_names([self.tasks] if isinstance(self.tasks, str) else list(self.tasks))
+        if self.seeds is not None:
+            self.seeds = [int(s) for s in self.seeds]
+        positive = {"trials": self.trials, "batch_size": self.batch_size, "eval_batch_size": self.eval_batch_size,
+                    "epochs": self.epochs}
+        limits = {k: getattr(self, k) for k in ("max_train_examples", "max_eval_examples")}
         names = [c.name for c in self.custom_tasks]
-        if len(set(names)) != len(names):
-            raise ConfigError(f"glue.custom_tasks: task names must be unique, got {names}")
-        if not self.tasks and not self.custom_tasks:
-            raise ConfigError("glue.tasks is empty and there are no glue.custom_tasks: nothing to run")
-        positive = {
-            "trials": self.trials, "batch_size": self.batch_size, "eval_batch_size": self.eval_batch_size,
-            "epochs": self.epochs,
-        }
-        for key, value in positive.items():
-            if int(value) < 1:
-                raise ConfigError(f"glue.{key} must be >= 1, got {value}")
+        validate(self, "glue", [
+            (len(set(names)) == len(names), f"custom_tasks: task names must be unique, got {names}"),
+            (bool(self.tasks or self.custom_tasks), "tasks is empty and there are no glue.custom_tasks: nothing to run"),
+            *((int(v) >= 1, f"{k} must be >= 1, got {v}") for k, v in positive.items()),
+            (self.seeds is None or len(self.seeds) == self.trials,
+             f"seeds has {len(self.seeds or ())} entries but glue.trials={self.trials}; give one per trial"),
+            (self.seeds is None or len(set(self.seeds)) == len(self.seeds), f"seeds must be distinct, got {self.seeds}"),
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (0.0 <= self.warmup_fraction < 1.0, f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}"),
+            (0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (len(self.adam_betas) == 2 and all(0.0 <= b < 1.0 for b in self.adam_betas),
+             f"adam_betas must be two values in [0, 1), got {self.adam_betas}"),
+            (self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be > 0 or null, got {self.grad_clip}"),
+            (self.max_seq_len >= 4, f"max_seq_len must be >= 4 ([CLS] a [SEP] b [SEP]), got {self.max_seq_len}"),
+            *((v is None or int(v) >= 1, f"{k} must be >= 1 or null, got {v}") for k, v in limits.items()),
+            (self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}"),
+            (1 <= self.pad_buckets <= self.max_seq_len,
+             f"pad_buckets must be between 1 and glue.max_seq_len={self.max_seq_len}, got {self.pad_buckets}"),
+        ])
         if self.epochs > 5:
             # The paper's rules cap downstream finetuning at 5 epochs; allow more but make it visible.
             import warnings
 
             warnings.warn(f"glue.epochs={self.epochs} exceeds the Cramming rules' limit of 5", stacklevel=2)
-        if self.seeds is not None:
-            self.seeds = [int(s) for s in self.seeds]
-            if len(self.seeds) != self.trials:
-                raise ConfigError(f"glue.seeds has {len(self.seeds)} entries but glue.trials={self.trials}; give one per trial")
-            if len(set(self.seeds)) != len(self.seeds):
-                raise ConfigError(f"glue.seeds must be distinct, got {self.seeds}")
-        if not self.lr > 0:
-            raise ConfigError(f"glue.lr must be > 0, got {self.lr}")
-        if self.schedule not in ("cosine", "linear", "constant"):
-            raise ConfigError(f"glue.schedule must be cosine, linear or constant, got {self.schedule!r}")
-        if not 0.0 <= self.warmup_fraction < 1.0:
-            raise ConfigError(f"glue.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"glue.dropout must be in [0, 1), got {self.dropout}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"glue.weight_decay must be >= 0, got {self.weight_decay}")
-        if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
-            raise ConfigError(f"glue.adam_betas must be two values in [0, 1), got {self.adam_betas}")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ConfigError(f"glue.grad_clip must be > 0 or null, got {self.grad_clip}")
-        if self.max_seq_len < 4:
-            raise ConfigError(f"glue.max_seq_len must be >= 4 ([CLS] a [SEP] b [SEP]), got {self.max_seq_len}")
-        for key in ("max_train_examples", "max_eval_examples"):
-            value = getattr(self, key)
-            if value is not None and int(value) < 1:
-                raise ConfigError(f"glue.{key} must be >= 1 or null, got {value}")
-        if self.num_workers < 0:
-            raise ConfigError(f"glue.num_workers must be >= 0, got {self.num_workers}")
-        if self.pad_buckets < 1 or self.pad_buckets > self.max_seq_len:
-            raise ConfigError(f"glue.pad_buckets must be between 1 and glue.max_seq_len={self.max_seq_len}, got {self.pad_buckets}")
-        if self.on_bad_row not in ("error", "skip"):
-            raise ConfigError(f"glue.on_bad_row must be error or skip, got {self.on_bad_row!r}")
 
     def trial_seeds(self, base_seed: int = 0) -> list[int]:
         """The seed of each trial."""

@@ -40,13 +40,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from cramming.benchtools import arch_config, cpu_name, write_json_report
+from cramming.benchtools import add_arch_options, add_out_option, arch_config, cpu_name, write_json_report
 from cramming.glue import GlueConfig
 from cramming.glue.batching import bucket_widths, make_loader, padding_waste
 from cramming.glue.parallel import DoesNotFit, GroupTrainer, build_stack, cpu_memory_check
-from cramming.glue.tasks import GLUE_TASKS, GLUE_TRAIN_ROWS, TASK_SPECS, TaskData, load_task
+from cramming.glue.tasks import GLUE_TASKS, TASK_SPECS, TaskData, load_task
 from cramming.glue.training import TrialTrainer, seed_everything, train_collate
 from cramming.gpu import GpuProfile
+from cramming.runs import GLUE_TRAIN_ROWS
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "glue_demo"
 MODES = ("sequential", "side-by-side")
@@ -58,13 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="autocast on CUDA; CPU is always fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the steps (CUDA only, as cram glue)")
     p.add_argument("--ckpt", type=Path, help="an exported model folder (its weights and tokenizer); default: --arch, random")
-    p.add_argument("--arch", default="demo", help="arch preset without --ckpt (configs/arch/*.yaml)")
-    p.add_argument("--hidden", type=int)
-    p.add_argument("--layers", type=int)
-    p.add_argument("--heads", type=int)
-    p.add_argument("--intermediate", type=int)
-    p.add_argument("--vocab", type=int)
-    p.add_argument("--seq-len", type=int, default=128, help="glue.max_seq_len")
+    add_arch_options(p, "demo", "arch preset without --ckpt (configs/arch/*.yaml)", seq_len_help="glue.max_seq_len")
     p.add_argument("--data-dir", type=Path, default=ASSETS, help="GLUE folder (official layout); default: the shipped subsets")
     p.add_argument("--tasks", nargs="*", help="default: every GLUE task with data in --data-dir")
     p.add_argument("--trials", type=int, default=5)
@@ -73,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per mode first (after one per bucket width)")
     p.add_argument("--pad-buckets", type=int, default=4, help="glue.pad_buckets")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
-    p.add_argument("--out", type=Path, help="write the report as JSON here")
+    add_out_option(p)
     return p
 
 

@@ -23,7 +23,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, get_args
 from urllib.parse import urlparse
 
 from cramming.errors import ConfigError, DataError
@@ -34,15 +34,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 GLUE_TASKS: tuple[str, ...] = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte")
-# Rows of each task's full official training set (the projection of `cram bench glue` scales to them).
-GLUE_TRAIN_ROWS: dict[str, int] = {"cola": 8551, "sst2": 67349, "mrpc": 3668, "stsb": 5749, "qqp": 363846,
-                                   "mnli": 392702, "qnli": 104743, "rte": 2490}
 EXCLUDED_TASKS: dict[str, str] = {
     "wnli": "WNLI is excluded, as in BERT and the Cramming paper: its dev set is adversarial to the "
     "train set and models score below the majority baseline",
     "ax": "the diagnostic set AX has no training data",
 }
-METRIC_NAMES: dict[str, tuple[str, ...]] = {
+TaskKind = Literal["classification", "regression"]
+"""classification: cross-entropy over the labels; regression: one output, MSE loss."""
+FileFormat = Literal["tsv", "csv", "jsonl"]
+"""How a custom task's files are parsed."""
+METRIC_NAMES: dict[TaskKind, tuple[str, ...]] = {
     "classification": ("accuracy", "f1", "mcc"),
     "regression": ("pearson", "spearman"),
 }
@@ -58,7 +59,7 @@ class TaskSpec:
 
     name: str
     """Lower-case task name used in configs and results."""
-    kind: Literal["classification", "regression"]
+    kind: TaskKind
     labels: tuple[str, ...]
     """Label values in class-index order (the hub's order); empty for regression."""
     metrics: tuple[str, ...]
@@ -79,7 +80,7 @@ class TaskSpec:
     hub_config: str = ""
     hub_text_columns: tuple[str, ...] = ()
     hub_dev_splits: tuple[str, ...] = ("validation",)
-    file_format: Literal["tsv", "csv", "jsonl"] = "tsv"
+    file_format: FileFormat = "tsv"
     """Custom tasks: how to parse the files (official files are always TSV with quoting disabled)."""
 
     @property
@@ -406,11 +407,12 @@ def _custom_format(path: str, explicit: str | None) -> str:
     if explicit:
         return explicit
     suffix = Path(path).suffix.lower().lstrip(".")
-    if suffix in ("tsv", "csv", "jsonl"):
+    if suffix in get_args(FileFormat):
         return suffix
     if suffix == "json":
         return "jsonl"
-    raise ConfigError(f"cannot tell the format of {path} from its extension; set format: tsv|csv|jsonl in the custom task")
+    raise ConfigError(f"cannot tell the format of {path} from its extension; "
+                      f"set format: {'|'.join(get_args(FileFormat))} in the custom task")
 
 
 def _read_jsonl(spec: TaskSpec, path: Path, on_bad_row: str) -> Split:

@@ -9,6 +9,7 @@ numerical reference; the others must agree with it within floating-point toleran
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +84,8 @@ BACKENDS: dict[str, AttentionFn] = {
     "sdpa": sdpa_attention,
     "flash": flash_attention,
 }
+# The type of `arch.attention_backend`, made from the table so that a new backend is one entry in it.
+AttentionBackend = Literal[tuple(BACKENDS)]  # type: ignore[valid-type]
 
 
 def get_backend(name: str) -> AttentionFn:

@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cramming.checks import validate
 from cramming.errors import ConfigError
 from cramming.model import random_ltd
-from cramming.model.attention import BACKENDS, get_backend
+from cramming.model.attention import AttentionBackend, get_backend
 
 
 @dataclass
@@ -65,7 +66,7 @@ class ModelConfig:
     """Segment (token type) embeddings; original BERT has 2 and, without type ids, always adds type 0."""
     dropout: float = 0.0
     """Dropout on embeddings, attention probabilities, branch outputs and the classifier input; 0 in pretraining."""
-    attention_backend: str = "sdpa"
+    attention_backend: AttentionBackend = "sdpa"
     """Attention kernel: sdpa (torch fused kernels), eager (reference), flash (flash-attn package)."""
     sparse_prediction: bool = True
     """Project and score only the masked positions (labels != -100) in training."""
@@ -79,33 +80,25 @@ class ModelConfig:
     """Base of the rotary frequencies (position=rotary only)."""
 
     def __post_init__(self) -> None:
-        choices = {
-            "position": ("scaled-sinusoidal", "sinusoidal", "learned", "rotary"),
-            "norm": ("layernorm", "rmsnorm"),
-            "norm_position": ("pre", "post"),
-            "ffn": ("geglu", "gelu"),
-            "head": ("simple", "nonlinear"),
-            "attention_backend": tuple(BACKENDS),
-        }
-        for key, valid in choices.items():
-            if getattr(self, key) not in valid:
-                raise ConfigError(f"arch.{key}={getattr(self, key)!r} is not one of: {', '.join(valid)}")
-        for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_seq_len"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
-                raise ConfigError(f"arch.{key} must be a positive integer, got {getattr(self, key)!r}")
-        if self.hidden_size % self.num_heads:
-            raise ConfigError(f"arch.hidden_size={self.hidden_size} must be divisible by arch.num_heads={self.num_heads}")
-        head_dim = self.hidden_size // self.num_heads
-        if self.position == "rotary" and head_dim % 2:
-            raise ConfigError(f"position=rotary needs an even head size, got {head_dim}")
-        if self.ffn == "geglu" and self.intermediate_size % 2:
-            raise ConfigError(f"arch.ffn=geglu splits intermediate_size in two; {self.intermediate_size} is odd")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"arch.dropout must be in [0, 1), got {self.dropout}")
-        if self.init_std <= 0 or self.layer_norm_eps <= 0:
-            raise ConfigError("arch.init_std and arch.layer_norm_eps must be positive")
-        if self.token_types < 0 or not 0 <= self.pad_token_id < self.vocab_size:
-            raise ConfigError("arch.token_types must be >= 0 and arch.pad_token_id inside the vocabulary")
+        sizes = {k: getattr(self, k) for k in
+                 ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_seq_len")}
+        # The sizes first: the rules below divide by them.
+        validate(self, "arch", [(isinstance(v, int) and v >= 1, f"{k} must be a positive integer, got {v!r}")
+                                for k, v in sizes.items()])
+        validate(self, "arch", [
+            (self.hidden_size % self.num_heads == 0,
+             f"hidden_size={self.hidden_size} must be divisible by arch.num_heads={self.num_heads}"),
+            (self.position != "rotary" or self.head_dim % 2 == 0,
+             f"position=rotary needs an even head size (hidden_size / num_heads), got {self.head_dim}"),
+            (self.ffn != "geglu" or self.intermediate_size % 2 == 0,
+             f"ffn=geglu splits intermediate_size in two; {self.intermediate_size} is odd"),
+            (0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}"),
+            (self.init_std > 0, f"init_std must be > 0, got {self.init_std}"),
+            (self.layer_norm_eps > 0, f"layer_norm_eps must be > 0, got {self.layer_norm_eps}"),
+            (self.token_types >= 0, f"token_types must be >= 0, got {self.token_types}"),
+            (0 <= self.pad_token_id < self.vocab_size,
+             f"pad_token_id={self.pad_token_id} must be inside the vocabulary [0, arch.vocab_size={self.vocab_size})"),
+        ])
 
     @property
     def head_dim(self) -> int:

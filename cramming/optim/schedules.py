@@ -1,7 +1,7 @@
 """Training schedules as pure functions of progress.
 
 `progress` is the fraction of the budget used, in [0, 1]: elapsed / budget for a time budget,
-tokens_seen / budget_tokens or step / budget_steps otherwise (or step / total_steps when a
+tokens_seen / tokens or step / steps of a token or step budget (or step / total_steps when a
 finetuning run counts steps). Every schedule is a plain function of it (or of layer-tokens, which
 are themselves a function of it), so a schedule ends exactly at the deadline whatever the hardware
 speed, is trivially testable, and survives a resume: restoring the elapsed time restores the
@@ -79,6 +79,19 @@ def lambda_lr(optimizer: Optimizer, factor: Callable[[float], float], total_step
     return LambdaLR(optimizer, lambda step: factor(step / total_steps))
 
 
+def round_target_batch(target_batch_size: int, micro_batch_size: int, world_size: int = 1) -> int:
+    """The batch an optimizer step reaches for a configured target: the largest whole number of
+    micro-batches x ranks not above `target_batch_size`, and at least one micro-batch per rank.
+
+    The recipe's 4096 is 4032 = 42 x 96 with the rtx2080ti profile's micro-batch, the Cramming
+    paper's figure for that card, and stays 4096 for micro-batches that divide it.
+    """
+    if micro_batch_size < 1 or world_size < 1:
+        raise ValueError(f"micro_batch_size and world_size must be >= 1, got {micro_batch_size} and {world_size}")
+    per_step = micro_batch_size * world_size
+    return max(per_step, target_batch_size // per_step * per_step)
+
+
 def batch_size(
     progress: float,
     micro_batch_size: int,
@@ -116,7 +129,7 @@ def accumulation_steps(
 
     The ramped global batch divided by the micro-batches all ranks process together, rounded to
     the nearest whole number, so the target is met exactly when it is a multiple of
-    micro_batch_size * world_size (4032 = 42 x 96 on the rtx2080ti profile).
+    micro_batch_size * world_size (as `round_target_batch` makes it: 4032 = 42 x 96 on rtx2080ti).
     """
     per_step = micro_batch_size * world_size
     wanted = batch_size(progress, micro_batch_size, target_batch_size, ramp_fraction, world_size,

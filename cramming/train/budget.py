@@ -17,9 +17,8 @@ import time
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
 
-BudgetKind = Literal["time", "tokens", "steps"]
+from cramming.config import BudgetKind
 
 
 @dataclass

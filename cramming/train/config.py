@@ -7,19 +7,10 @@ the same way. Choices come from the `Literal` types of the modules that implemen
 
 from __future__ import annotations
 
-import typing
 from dataclasses import dataclass, field
-from typing import Any
 
-from cramming.errors import ConfigError
+from cramming.checks import validate
 from cramming.optim.schedules import LrSchedule
-from cramming.train.budget import BudgetKind
-
-
-def _choice(key: str, value: str, choices: Any) -> tuple[bool, str]:
-    """A validation entry: `value` is one of the `Literal` type `choices`."""
-    names = typing.get_args(choices)
-    return value in names, f"train.{key} must be one of {', '.join(names)}, got {value!r}"
 
 
 @dataclass
@@ -38,17 +29,19 @@ class RandomLTDConfig:
     """Drive the LR schedule by layer-tokens consumed instead of by progress (LayerToken LR)."""
 
     def __post_init__(self) -> None:
-        if self.start_keep < 1:
-            raise ConfigError(f"train.random_ltd.start_keep must be >= 1, got {self.start_keep}")
-        if not 0.0 < self.full_at_fraction <= 1.0:
-            raise ConfigError(f"train.random_ltd.full_at_fraction must be in (0, 1], got {self.full_at_fraction}")
-        if self.granularity < 1:
-            raise ConfigError(f"train.random_ltd.granularity must be >= 1, got {self.granularity}")
+        validate(self, "train.random_ltd", [
+            (self.start_keep >= 1, f"start_keep must be >= 1, got {self.start_keep}"),
+            (0.0 < self.full_at_fraction <= 1.0, f"full_at_fraction must be in (0, 1], got {self.full_at_fraction}"),
+            (self.granularity >= 1, f"granularity must be >= 1, got {self.granularity}"),
+        ])
 
 
 @dataclass
 class TrainConfig:
-    """The pretraining recipe: optimizer, schedules, masking, budget kind, logging and checkpoints."""
+    """The pretraining recipe: optimizer, schedules, masking, logging and checkpoints.
+
+    The budget (time, tokens or steps) is the top-level `budget` (cramming.config.parse_budget).
+    """
 
     name: str = "cramming"
     """Recipe name (a file in configs/train/)."""
@@ -72,8 +65,9 @@ class TrainConfig:
     """one-cycle (triangle) | linear (warmup + linear decay) | cosine | constant; all of progress."""
     warmup_fraction: float = 0.5
     """Fraction of the budget at which the LR peaks (one-cycle: 0.5, the symmetric triangle)."""
-    target_batch_size: int | None = None
-    """Sequences per optimizer step after the ramp; null = the GPU profile's target_batch_size."""
+    target_batch_size: int = 4096
+    """Sequences per optimizer step after the ramp, rounded down to whole micro-batches x ranks
+    (at least one micro-batch per rank): 4096 is 4032 = 42 x 96 on the rtx2080ti profile."""
     ramp_fraction: float = 0.6
     """The batch grows linearly from one micro-batch to the target over this fraction (0 = no ramp)."""
     final_batch_size: int | None = None
@@ -89,13 +83,7 @@ class TrainConfig:
     """Of the targets, share replaced by a random token (the rest stay unchanged)."""
     fixed_count: bool = True
     """Exactly round(mask_rate * seq_len) targets per row: static shapes for sparse prediction/compile."""
-    # --- budget --------------------------------------------------------------------------------
-    budget_kind: BudgetKind = "time"
-    """time (the top-level `budget`) | tokens (`budget_tokens`) | steps (`budget_steps`)."""
-    budget_tokens: int | None = None
-    """Token budget (sequences x seq_len over all ranks) when budget_kind=tokens."""
-    budget_steps: int | None = None
-    """Optimizer-step budget when budget_kind=steps."""
+    # --- budget (its kind and amount are the top-level `budget`) -------------------------------
     reserve_margin_s: float = 2.0
     """Seconds kept free before a time deadline on top of the measured cost of the final save."""
     # --- random-LTD ----------------------------------------------------------------------------
@@ -134,33 +122,26 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
-        checks = [
-            (self.lr > 0, f"train.lr must be > 0, got {self.lr}"),
-            (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"train.betas must be two values in [0, 1), got {self.betas}"),
-            (self.eps > 0, f"train.eps must be > 0, got {self.eps}"),
-            (self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}"),
-            (self.grad_clip >= 0, f"train.grad_clip must be >= 0, got {self.grad_clip}"),
-            _choice("lr_schedule", self.lr_schedule, LrSchedule),
-            (0 <= self.warmup_fraction <= 1, f"train.warmup_fraction must be in [0, 1], got {self.warmup_fraction}"),
-            (self.target_batch_size is None or self.target_batch_size >= 1, "train.target_batch_size must be >= 1"),
-            (0 <= self.ramp_fraction <= 1, f"train.ramp_fraction must be in [0, 1], got {self.ramp_fraction}"),
-            (0 <= self.final_batch_fraction <= 1, f"train.final_batch_fraction must be in [0, 1], got {self.final_batch_fraction}"),
-            (0 < self.mask_rate < 1, f"train.mask_rate must be in (0, 1), got {self.mask_rate}"),
+        validate(self, "train", [
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"betas must be two values in [0, 1), got {self.betas}"),
+            (self.eps > 0, f"eps must be > 0, got {self.eps}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}"),
+            (0 <= self.warmup_fraction <= 1, f"warmup_fraction must be in [0, 1], got {self.warmup_fraction}"),
+            (self.target_batch_size >= 1, f"target_batch_size must be >= 1, got {self.target_batch_size}"),
+            (0 <= self.ramp_fraction <= 1, f"ramp_fraction must be in [0, 1], got {self.ramp_fraction}"),
+            (0 <= self.final_batch_fraction <= 1, f"final_batch_fraction must be in [0, 1], got {self.final_batch_fraction}"),
+            (0 < self.mask_rate < 1, f"mask_rate must be in (0, 1), got {self.mask_rate}"),
             (self.replace_mask >= 0 and self.replace_random >= 0 and self.replace_mask + self.replace_random <= 1,
-             "train.replace_mask + train.replace_random must be within [0, 1]"),
-            _choice("budget_kind", self.budget_kind, BudgetKind),
-            (self.budget_kind != "tokens" or (self.budget_tokens or 0) > 0, "train.budget_kind=tokens needs train.budget_tokens > 0"),
-            (self.budget_kind != "steps" or (self.budget_steps or 0) > 0, "train.budget_kind=steps needs train.budget_steps > 0"),
-            (self.reserve_margin_s >= 0, "train.reserve_margin_s must be >= 0"),
-            (self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps must be >= 1"),
-            (self.checkpoint_interval_minutes >= 0, "train.checkpoint_interval_minutes must be >= 0"),
-            (self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
-            (self.log_interval >= 1, "train.log_interval must be >= 1"),
-            (self.log_interval_s >= 0, "train.log_interval_s must be >= 0"),
-            (self.eval_interval_minutes >= 0, "train.eval_interval_minutes must be >= 0"),
-            (self.eval_batches >= 1, "train.eval_batches must be >= 1"),
-            (self.eval_mask_rate is None or 0 < self.eval_mask_rate < 1, "train.eval_mask_rate must be in (0, 1) or null"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+             "replace_mask + train.replace_random must be within [0, 1]"),
+            (self.reserve_margin_s >= 0, "reserve_margin_s must be >= 0"),
+            (self.max_nonfinite_steps >= 1, "max_nonfinite_steps must be >= 1"),
+            (self.checkpoint_interval_minutes >= 0, "checkpoint_interval_minutes must be >= 0"),
+            (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
+            (self.log_interval >= 1, "log_interval must be >= 1"),
+            (self.log_interval_s >= 0, "log_interval_s must be >= 0"),
+            (self.eval_interval_minutes >= 0, "eval_interval_minutes must be >= 0"),
+            (self.eval_batches >= 1, "eval_batches must be >= 1"),
+            (self.eval_mask_rate is None or 0 < self.eval_mask_rate < 1, "eval_mask_rate must be in (0, 1) or null"),
+        ])

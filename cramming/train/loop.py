@@ -33,7 +33,7 @@ from typing import Any, Literal
 import torch
 from omegaconf import OmegaConf
 
-from cramming.config import format_duration
+from cramming.config import BudgetSpec, format_duration, parse_budget
 from cramming.errors import ConfigError
 from cramming.faults import fault_point, nan_steps
 from cramming.gpu import GpuProfile
@@ -100,7 +100,6 @@ class Setup:
     mfu_per_token: float | None
     seed: int
     config_text: str
-    budget_s: float
     resumed: bool
     nan_steps: frozenset[int]
     """Steps whose loss is made NaN (fault injection, cramming.faults; empty in normal use)."""
@@ -160,34 +159,35 @@ def pretrain(
     data_dir: str | Path,
     run_dir: str | Path,
     *,
-    budget_s: float = 3600.0,
+    budget: BudgetSpec | str = "1h",
     seed: int = 0,
     resume: bool = False,
     config_text: str | None = None,
 ) -> Path:
     """Pretrain `arch` on the prepared data in `data_dir`; returns `run_dir/final`.
 
+    `budget` is a parsed or a written top-level `budget` (e.g. "90m", "300steps", "2.5Mtokens").
     With `resume`, continues from the newest checkpoint in `run_dir`. Raises `Interrupted` (with
     the exit code to use) when stopped by SIGTERM/SIGINT or by repeated non-finite steps, after
     writing a checkpoint.
     """
     run_dir, data_dir = Path(run_dir), Path(data_dir)
     seed = train.seed if train.seed is not None else seed
+    spec = budget if isinstance(budget, BudgetSpec) else parse_budget(budget)
     info = dist_utils.setup(gpu.device)
-    amount = {"time": budget_s, "tokens": train.budget_tokens, "steps": train.budget_steps}[train.budget_kind]
-    budget = Budget(train.budget_kind, amount, margin_s=train.reserve_margin_s)  # the clock starts here: setup counts
+    run_budget = Budget(spec.kind, spec.amount, margin_s=train.reserve_margin_s)  # the clock starts here: setup counts
     try:
         with contextlib.ExitStack() as stack:
             if info.is_main:
                 stack.enter_context(RunLock(run_dir))
-            s, state = setup(train, arch, gpu, data_dir, run_dir, info, budget, budget_s=budget_s, seed=seed,
-                             resume=resume, config_text=config_text)
+            s, state = setup(train, arch, gpu, data_dir, run_dir, info, run_budget, seed=seed, resume=resume,
+                             config_text=config_text)
             signals = stack.enter_context(StopSignals())
             batches = stack.enter_context(TrainBatches(
                 s.data.train, s.micro, s.data.masker, shuffle=train.shuffle, seed=seed, num_workers=gpu.num_workers,
                 rank=info.rank, world_size=info.world_size, start=state.micro_index,
                 pin_memory=s.device.type == "cuda"))
-            runlog = stack.enter_context(RunLog(run_dir, info.is_main, train.tensorboard, budget, s.device,
+            runlog = stack.enter_context(RunLog(run_dir, info.is_main, train.tensorboard, run_budget, s.device,
                                                 state.step if resume else None, s.mfu_per_token))
             last_eval = start(s, state, runlog)
             passes = _data_passes(s)
@@ -198,7 +198,7 @@ def pretrain(
 
 
 def setup(train: TrainConfig, arch: bert.ModelConfig, gpu: GpuProfile, data_dir: Path, run_dir: Path,
-          info: dist_utils.DistInfo, budget: Budget, *, budget_s: float, seed: int, resume: bool,
+          info: dist_utils.DistInfo, budget: Budget, *, seed: int, resume: bool,
           config_text: str | None) -> tuple[Setup, TrainState]:
     """Open the data, build (or restore) model, optimizer and scaler, and probe the first step."""
     data = open_data(data_dir, train)
@@ -208,7 +208,8 @@ def setup(train: TrainConfig, arch: bert.ModelConfig, gpu: GpuProfile, data_dir:
         raise ConfigError(f"arch.max_seq_len={arch.max_seq_len} is shorter than the data's seq_len={seq_len}")
     if config_text is None:
         config_text = OmegaConf.to_yaml({"train": dataclasses.asdict(train), "arch": dataclasses.asdict(arch),
-                                         "gpu": dataclasses.asdict(gpu), "budget_s": budget_s, "seed": seed,
+                                         "gpu": dataclasses.asdict(gpu), "seed": seed,
+                                         "budget": str(BudgetSpec(budget.kind, budget.total)),
                                          "data_dir": str(data_dir)})
     torch.manual_seed(seed + info.rank)
     random.seed(seed + info.rank)
@@ -239,10 +240,24 @@ def setup(train: TrainConfig, arch: bert.ModelConfig, gpu: GpuProfile, data_dir:
              sum(p.numel() for p in raw.parameters()) / 1e6, compile_path, gpu.precision, device)
     s = Setup(train=train, gpu=gpu, arch=arch, info=info, budget=budget, run_dir=run_dir, data_dir=data_dir,
               data=data, raw=raw, fwd=fwd, compile_path=compile_path, no_sync=no_sync, optimizer=optimizer,
-              scaler=scaler, micro=micro, target=train.target_batch_size or gpu.target_batch_size,
+              scaler=scaler, micro=micro, target=_target_batch(train, micro, info.world_size),
               mfu_per_token=_mfu_per_token(arch, train, gpu, data, info), seed=seed,
-              config_text=config_text, budget_s=budget_s, resumed=resume, nan_steps=nan_steps())
+              config_text=config_text, resumed=resume, nan_steps=nan_steps())
     return s, state
+
+
+def _target_batch(train: TrainConfig, micro: int, world_size: int) -> int:
+    """train.target_batch_size in whole micro-batches x ranks (schedules.round_target_batch), said when it differs."""
+    wanted = train.target_batch_size
+    target = schedules.round_target_batch(wanted, micro, world_size)
+    if target > wanted:
+        log.warning("train.target_batch_size=%d is less than one micro-batch per rank (%d x %d rank(s)): every step "
+                    "takes %d sequences; a smaller gpu.micro_batch_size gives a smaller batch", wanted, micro,
+                    world_size, target)
+    elif target < wanted:
+        log.info("target batch: %d sequences, %d micro-batches of %d x %d rank(s) (train.target_batch_size=%d "
+                 "rounded down)", target, target // (micro * world_size), micro, world_size, wanted)
+    return target
 
 
 def _mfu_per_token(arch: bert.ModelConfig, train: TrainConfig, gpu: GpuProfile, data: TrainData,
@@ -505,7 +520,7 @@ def finish(s: Setup, state: TrainState, runlog: RunLog, passes: DataPasses, stop
         _export(s, final, summary)
         runlog.plot()
         summary["elapsed_s"] = round(s.budget.elapsed(), 3)
-        summary["overrun_s"] = round(summary["elapsed_s"] - s.budget_s, 3) if s.train.budget_kind == "time" else None
+        summary["overrun_s"] = round(summary["elapsed_s"] - s.budget.total, 3) if s.budget.kind == "time" else None
         runlog.write_summary(summary)
         log.info("done: %d steps, %d tokens, val loss %s, %s elapsed; export in %s", state.step, state.tokens,
                  val_loss, format_duration(summary["elapsed_s"]), final)
@@ -517,9 +532,9 @@ def _summary(s: Setup, state: TrainState, passes: DataPasses, final_loss: float 
              val_loss: float | None) -> dict[str, Any]:
     """The run summary's content (its elapsed_s and overrun_s are filled in once the export is written)."""
     tokens_per_s = state.tokens / max(s.budget.elapsed(), 1e-9)
-    time_budget = s.train.budget_kind == "time"
+    time_budget = s.budget.kind == "time"
     return {
-        "budget_kind": s.train.budget_kind, "budget_s": s.budget_s if time_budget else None,
+        "budget_kind": s.budget.kind, "budget_s": s.budget.total if time_budget else None,
         "budget_amount": s.budget.total, "elapsed_s": None, "steps": state.step, "tokens_seen": state.tokens,
         "final_loss": final_loss, "val_loss": val_loss, "tokens_per_s": round(tokens_per_s, 1),
         "mfu": tokens_per_s * s.mfu_per_token if s.mfu_per_token else None,

@@ -53,7 +53,7 @@ def load_job(cfg: DictConfig) -> PretrainJob:
         # Continue with the run's own resolved config, so its schedules and budget are unchanged.
         # Verify the checksums first: a damaged config.yaml must not be parsed (or half-parsed).
         verify_checkpoint(ckpt)
-        saved = OmegaConf.create((ckpt / "config.yaml").read_text())
+        saved = upgrade_saved_config(OmegaConf.create((ckpt / "config.yaml").read_text()))
         saved.resume = str(run_dir)
         cfg = resolve_paths(saved)  # a run saved before paths were resolved may hold a `~`
         resume = True
@@ -67,13 +67,38 @@ def load_job(cfg: DictConfig) -> PretrainJob:
                        config_text=OmegaConf.to_yaml(cfg, resolve=True))
 
 
+def upgrade_saved_config(saved: DictConfig) -> DictConfig:
+    """A run's saved config in today's keys (cramming.config.MOVED_KEYS), so a run checkpointed
+    before the budget and the target batch had one home each resumes as it started: its
+    train.budget_kind with train.budget_steps/budget_tokens becomes the top-level `budget` (e.g.
+    budget=300steps; a time budget was the top-level one already), and gpu.target_batch_size fills
+    a train.target_batch_size left null (which meant the profile's). A null in both (gpu=auto) takes
+    the recipe's default, 4096, which every GPU profile's target rounds to (the cpu profile's was
+    256). Changes `saved` in place and returns it."""
+    train, gpu = saved.get("train"), saved.get("gpu")
+    if train is None:
+        return saved
+    if "budget_kind" in train:
+        kind = train.pop("budget_kind")
+        amounts = {"tokens": train.pop("budget_tokens", None), "steps": train.pop("budget_steps", None)}
+        if kind in amounts:
+            saved.budget = f"{amounts[kind]}{kind}"
+    if gpu is not None and "target_batch_size" in gpu:
+        profile_target = gpu.pop("target_batch_size")
+        if train.get("target_batch_size") is None:
+            train.target_batch_size = profile_target
+    if "target_batch_size" in train and train.target_batch_size is None:
+        del train["target_batch_size"]
+    return saved
+
+
 def run(job: PretrainJob, data_dir: Path) -> None:
     """Pretrain `job` on the prepared data in `data_dir`; an interruption exits with its code."""
     cfg = job.cfg
     log.info("pretraining %s/%s (config %s) into %s", cfg.arch.get("name"), job.train.name, config_hash(cfg),
              job.run_dir)
     try:
-        final = pretrain(job.train, job.arch, job.gpu, data_dir, job.run_dir, budget_s=parse_budget(cfg.budget),
+        final = pretrain(job.train, job.arch, job.gpu, data_dir, job.run_dir, budget=parse_budget(cfg.budget),
                          seed=int(cfg.seed), resume=job.resume, config_text=job.config_text)
     except Interrupted as stop:
         print(f"cram pretrain: {stop}", file=sys.stderr)

@@ -1,7 +1,8 @@
 """Child process of the reliability suite: runs one stage through the Python API so a test can kill it.
 
     python tests/reliability/_worker.py prepare '{"data_root": ..., "data": {...}}'
-    python tests/reliability/_worker.py pretrain '{"run_dir": ..., "data_dir": ..., "train": {...}, "resume": false}'
+    python tests/reliability/_worker.py pretrain '{"run_dir": ..., "data_dir": ..., "train": {...}, "budget": "20steps",
+                                                   "resume": false}'
 
 Exit codes follow `cram`: 0 done (or stopped by SIGTERM with a checkpoint), 130 SIGINT, 2 user error.
 """
@@ -43,7 +44,7 @@ def main(argv: list[str]) -> int:
             try:
                 final = pretrain(TrainConfig(**payload["train"]), ModelConfig(**{**TINY_ARCH, **payload.get("arch", {})}),
                                  GpuProfile(**TINY_GPU), payload["data_dir"], payload["run_dir"],
-                                 budget_s=float(payload.get("budget_s", 3600)), resume=bool(payload.get("resume")))
+                                 budget=payload.get("budget", "1h"), resume=bool(payload.get("resume")))
             except Interrupted as stop:
                 print(f"worker: {stop}", flush=True)
                 return stop.exit_code

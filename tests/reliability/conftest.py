@@ -28,7 +28,9 @@ RESULTS_DIR = Path(os.environ.get("CRAMMING_RELIABILITY_RESULTS", REPO / "output
 TINY_DATA = dict(name="rel", source="embedded", embedded_files=["moby_dick"], max_chars=150_000, vocab_size=300,
                  seq_len=32, val_fraction=0.05, compression_threshold=1.0, shard_sequences=400)
 TINY_ARCH = dict(name="rel-tiny", hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_seq_len=32)
-TINY_GPU = dict(name="cpu", micro_batch_size=16, target_batch_size=32, num_workers=0)
+TINY_GPU = dict(name="cpu", micro_batch_size=16, num_workers=0)
+# Two micro-batches of 16 per optimizer step once the ramp is done.
+TINY_TARGET_BATCH = 32
 
 
 def child_env(**extra: str) -> dict[str, str]:

@@ -24,13 +24,15 @@ from cramming.gpu import GpuProfile
 
 @settings(max_examples=300, deadline=None)
 @given(st.one_of(st.text(max_size=12), st.from_regex(r"\s*-?[0-9.eE+]{0,6}\s*[smhdSMHDx]?\s*", fullmatch=True),
+                 st.from_regex(r"\s*-?[0-9.eE+-]{0,8}\s*[kKmMgGx]?\s*(tokens?|steps?|Steps)?\s*", fullmatch=True),
                  st.floats(allow_nan=True, allow_infinity=True), st.integers(), st.booleans()))
 def test_fuzz_budget_strings(value) -> None:
     try:
-        seconds = parse_budget(value)
+        spec = parse_budget(value)
     except ConfigError:
         return
-    assert isinstance(seconds, float) and math.isfinite(seconds) and seconds > 0
+    assert spec.kind in ("time", "tokens", "steps")
+    assert isinstance(spec.amount, float) and math.isfinite(spec.amount) and spec.amount > 0
 
 
 def _dataclasses() -> list[tuple[str, type]]:
@@ -71,8 +73,8 @@ def test_override_fuzz_summary(outcome) -> None:
     """One row for the two fuzz tests above (hypothesis counts are fixed by their settings)."""
     outcome.add("Fuzzed budget strings and override values", "hypothesis: 300 budget values (text, numbers, "
                 "NaN/inf, bools); 250 random override sets (None, bools, huge ints, NaN, text, code strings, nested "
-                "lists/dicts) into the train/data/arch/glue/gpu dataclasses", "parse_budget returns a positive "
-                "finite float or raises ConfigError; to_dataclass type-checks each field and raises ConfigError "
+                "lists/dicts) into the train/data/arch/glue/gpu dataclasses", "parse_budget returns a time, token "
+                "or step budget of a positive finite amount or raises ConfigError; to_dataclass type-checks each field and raises ConfigError "
                 "naming the key (printed by the CLI without a traceback)", True)
 
 

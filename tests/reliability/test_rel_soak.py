@@ -1,7 +1,7 @@
 """Soak (slow): a tiny model trained for minutes with checkpoints every 30 s and three random SIGKILLs,
 compared with an uninterrupted run of the same step budget.
 
-What the design promises (docs/training.md, Reliability): with `train.budget_kind=steps`, a resumed
+What the design promises (docs/training.md, Reliability): with a step budget (`budget=<N>steps`), a resumed
 run takes exactly the same number of optimizer steps, sees the same data order and masks, and its LR
 is the same function of the step; at most one checkpoint interval of work is redone after each kill.
 The weights are compared and the difference is reported, not asserted: the tiny model has no
@@ -17,7 +17,7 @@ import time
 
 import pytest
 import torch
-from conftest import finish, wait_for, worker
+from conftest import TINY_TARGET_BATCH, finish, wait_for, worker
 from safetensors.torch import load_file
 
 from cramming.train.checkpoint import latest_checkpoint
@@ -32,8 +32,8 @@ def _records(run_dir):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _train(steps: int) -> dict:
-    return dict(budget_kind="steps", budget_steps=steps, checkpoint_interval_minutes=INTERVAL_MIN, log_interval=5,
+def _train() -> dict:
+    return dict(target_batch_size=TINY_TARGET_BATCH, checkpoint_interval_minutes=INTERVAL_MIN, log_interval=5,
                 eval_batches=2, reserve_margin_s=0.5, keep_checkpoints=2)
 
 
@@ -44,8 +44,8 @@ def test_soak_three_random_sigkills(tiny_data, tmp_path, outcome) -> None:
     arch = dict(hidden_size=64, intermediate_size=128)
     # Calibrate: steps per second of this machine right now, to size a run of about 4.5 minutes.
     calib = tmp_path / "calib"
-    code, out = finish(worker("pretrain", {"run_dir": str(calib), "data_dir": str(tiny_data), "train": _train(60),
-                                           "arch": arch}))
+    code, out = finish(worker("pretrain", {"run_dir": str(calib), "data_dir": str(tiny_data), "train": _train(),
+                                           "budget": "60steps", "arch": arch}))
     assert code == 0, out
     recs = [r for r in _records(calib) if r.get("event") != "eval"]
     rate = (recs[-1]["step"] - recs[0]["step"]) / max(1e-6, recs[-1]["elapsed_s"] - recs[0]["elapsed_s"])
@@ -53,13 +53,14 @@ def test_soak_three_random_sigkills(tiny_data, tmp_path, outcome) -> None:
 
     ref = tmp_path / "ref"
     t0 = time.monotonic()
-    code, out = finish(worker("pretrain", {"run_dir": str(ref), "data_dir": str(tiny_data), "train": _train(steps),
-                                           "arch": arch}), timeout=1200)
+    code, out = finish(worker("pretrain", {"run_dir": str(ref), "data_dir": str(tiny_data), "train": _train(),
+                                           "budget": f"{steps}steps", "arch": arch}), timeout=1200)
     ref_wall = time.monotonic() - t0
     assert code == 0, out
 
     soak = tmp_path / "soak"
-    payload = {"run_dir": str(soak), "data_dir": str(tiny_data), "train": _train(steps), "arch": arch}
+    payload = {"run_dir": str(soak), "data_dir": str(tiny_data), "train": _train(), "budget": f"{steps}steps",
+               "arch": arch}
     kills = []
     t0 = time.monotonic()
     for i in range(3):

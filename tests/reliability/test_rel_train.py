@@ -12,7 +12,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_ARCH, TINY_DATA, TINY_GPU, cram, finish, flip_bit, truncate, wait_for, worker
+from conftest import (
+    TINY_ARCH,
+    TINY_DATA,
+    TINY_GPU,
+    TINY_TARGET_BATCH,
+    cram,
+    finish,
+    flip_bit,
+    truncate,
+    wait_for,
+    worker,
+)
 from omegaconf import OmegaConf
 
 from cramming.errors import CheckpointError, CrammingError
@@ -28,13 +39,13 @@ INTERVAL_MIN = 0.003  # a checkpoint every 0.18 s: several per run
 
 
 def train_cfg(**kw) -> dict:
-    return {**dict(budget_kind="steps", budget_steps=STEPS, checkpoint_interval_minutes=INTERVAL_MIN, log_interval=1,
+    return {**dict(target_batch_size=TINY_TARGET_BATCH, checkpoint_interval_minutes=INTERVAL_MIN, log_interval=1,
                    eval_batches=2, reserve_margin_s=0.5, keep_checkpoints=2), **kw}
 
 
-def run_inproc(run_dir: Path, data_dir: Path, resume: bool = False, **kw) -> Path:
+def run_inproc(run_dir: Path, data_dir: Path, resume: bool = False, budget: str = f"{STEPS}steps", **kw) -> Path:
     return pretrain(TrainConfig(**train_cfg(**kw)), ModelConfig(**TINY_ARCH), GpuProfile(**TINY_GPU), data_dir, run_dir,
-                    resume=resume)
+                    budget=budget, resume=resume)
 
 
 def records(run_dir: Path) -> list[dict]:
@@ -87,8 +98,8 @@ KILL_POINTS = {
                                    for p in KILL_POINTS])
 def test_sigkill_then_resume_matches_uninterrupted(point, tiny_data, reference, tmp_path, outcome) -> None:
     run_dir = tmp_path / "run"
-    code, out = finish(worker("pretrain", {"run_dir": str(run_dir), "data_dir": str(tiny_data), "train": train_cfg()},
-                              fault=point))
+    code, out = finish(worker("pretrain", {"run_dir": str(run_dir), "data_dir": str(tiny_data), "train": train_cfg(),
+                                           "budget": f"{STEPS}steps"}, fault=point))
     assert code == -9, f"fault point {point} not reached:\n{out}"
     done = train_records(run_dir)
     killed_elapsed = max((r["elapsed_s"] for r in done), default=0.0)
@@ -116,14 +127,15 @@ def test_sigkill_at_random_time_then_resume(seed, tiny_data, reference, tmp_path
     import random
 
     run_dir = tmp_path / "run"
-    proc = worker("pretrain", {"run_dir": str(run_dir), "data_dir": str(tiny_data), "train": train_cfg(budget_steps=400)})
+    proc = worker("pretrain", {"run_dir": str(run_dir), "data_dir": str(tiny_data), "train": train_cfg(),
+                               "budget": "400steps"})
     wait_for(lambda: latest_checkpoint(run_dir) is not None, 120, "the first checkpoint")
     time.sleep(random.Random(seed).uniform(0.5, 6.0))
     proc.kill()
     finish(proc)
     killed_elapsed = max((r["elapsed_s"] for r in train_records(run_dir)), default=0.0)
     counters = torch.load(latest_checkpoint(run_dir) / "state.pt", weights_only=True)["counters"]
-    run_inproc(run_dir, tiny_data, resume=True, budget_steps=400)
+    run_inproc(run_dir, tiny_data, resume=True, budget="400steps")
     summary = json.loads((run_dir / "summary.json").read_text())
     steps = sorted(r["step"] for r in train_records(run_dir))
     lost = max(0.0, killed_elapsed - counters["elapsed_s"])
@@ -137,7 +149,7 @@ def test_sigkill_at_random_time_then_resume(seed, tiny_data, reference, tmp_path
 def test_lock_refuses_second_run_then_sigterm_checkpoints(tiny_data, tmp_path, outcome) -> None:
     run_dir = tmp_path / "run"
     proc = worker("pretrain", {"run_dir": str(run_dir), "data_dir": str(tiny_data),
-                               "train": train_cfg(budget_steps=100_000, checkpoint_interval_minutes=5.0)})
+                               "train": train_cfg(checkpoint_interval_minutes=5.0), "budget": "100ksteps"})
     wait_for(lambda: len(train_records(run_dir)) >= 3, 90, "3 steps")
     before = (run_dir / "metrics.jsonl").read_bytes()
     with pytest.raises(CrammingError, match="in use by another run"):
@@ -158,7 +170,8 @@ def test_lock_refuses_second_run_then_sigterm_checkpoints(tiny_data, tmp_path, o
 
 def test_ctrl_c_through_the_cli_checkpoints_and_exits_130(tiny_data, tmp_path, outcome) -> None:
     data_args = [f"data.{k}={json.dumps(v) if isinstance(v, list) else v}".replace('"', "") for k, v in TINY_DATA.items()]
-    args = ["pretrain", "gpu=cpu", "gpu.micro_batch_size=16", "gpu.target_batch_size=32", "gpu.num_workers=0", "arch=tiny",
+    args = ["pretrain", "gpu=cpu", "gpu.micro_batch_size=16", f"train.target_batch_size={TINY_TARGET_BATCH}",
+            "gpu.num_workers=0", "arch=tiny",
             *data_args, f"paths.data_root={tiny_data.parent}", f"paths.out_root={tmp_path}/out", "run_name=r",
             "budget=10m", "train.log_interval=1"]
     run_dir = tmp_path / "out" / "pretrain" / "r"
@@ -192,7 +205,7 @@ def test_disk_full_while_writing_a_checkpoint(tiny_data, tmp_path, monkeypatch, 
     monkeypatch.setattr(ckpt_mod.torch, "save", full_save)
     run_dir = tmp_path / "run"
     with pytest.raises(CheckpointError) as err:
-        run_inproc(run_dir, tiny_data, budget_steps=200)
+        run_inproc(run_dir, tiny_data, budget="200steps")
     monkeypatch.undo()
     msg = str(err.value)
     assert "No space left on device" in msg and "is intact" in msg and "resume" in msg, msg
@@ -200,7 +213,7 @@ def test_disk_full_while_writing_a_checkpoint(tiny_data, tmp_path, monkeypatch, 
     state, _ = load_checkpoint(ckpt, __import__("cramming.model.bert", fromlist=["x"]).CrammedBertForMLM(
         ModelConfig(**{**TINY_ARCH, "vocab_size": 300})))
     assert not list((run_dir / "checkpoints").glob(".tmp-*")) and not (run_dir / ".lock").exists()
-    run_inproc(run_dir, tiny_data, resume=True, budget_steps=200)  # and the run can go on
+    run_inproc(run_dir, tiny_data, resume=True, budget="200steps")  # and the run can go on
     ok = json.loads((run_dir / "summary.json").read_text())["steps"] == 200
     outcome.add("Disk full while writing a checkpoint", "torch.save in checkpoint.py writes 100 bytes then raises "
                 "OSError(ENOSPC) on the 3rd checkpoint", "CheckpointError 'could not write checkpoint ...: No space "
