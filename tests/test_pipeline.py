@@ -6,7 +6,6 @@ cramming/assets/glue_demo, and the report. Slow (about a minute on two idle core
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cramming.runs import read_results
+from cramming.runs import read_metrics, read_results, read_summary
 
 REPO = Path(__file__).resolve().parents[1]
 GLUE_DEMO = REPO / "cramming" / "assets" / "glue_demo"
@@ -36,11 +35,11 @@ def test_demo_pipeline_end_to_end(tmp_path):
     cram("pretrain", *DATA, *common, "arch=tiny", "budget=25s", "train.log_interval=2",
          "gpu.micro_batch_size=16", "train.target_batch_size=64", cwd=tmp_path)
     run = tmp_path / "out" / "pretrain" / "run"
-    summary = json.loads((run / "summary.json").read_text())
+    summary = read_summary(run)
     assert summary["steps"] > 5 and summary["elapsed_s"] <= 25 + 3
-    losses = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-              if r.get("event") != "eval" and r.get("loss") is not None]
-    assert losses[-1] < losses[0], losses
+    metrics = read_metrics(run)
+    losses = [r["loss"] for r in metrics.records if r.get("loss") is not None]
+    assert metrics.bad_lines == 0 and metrics.evals and losses[-1] < losses[0], losses
 
     cram("glue", f"ckpt={run / 'final'}", f"glue.data_dir={GLUE_DEMO}", "glue.tasks=[rte,sst2,stsb]",
          "glue.trials=2", "glue.epochs=1", "glue.max_train_examples=128", "glue.max_eval_examples=64", *common,
