@@ -246,9 +246,10 @@ def parse_budget(value: str | int | float) -> BudgetSpec:
         amount = float(exact)
     else:
         raise ConfigError(f"budget={value!r} is not a budget; use {BUDGET_FORMS}")
-    if not math.isfinite(amount) or amount <= 0:
-        raise ConfigError(f"budget={value!r} must be positive and finite; use {BUDGET_FORMS}")
-    return BudgetSpec(kind, amount)
+    try:
+        return BudgetSpec(kind, amount)  # the spec checks its amount; here the message adds the forms
+    except ConfigError:
+        raise ConfigError(f"budget={value!r} must be positive and finite; use {BUDGET_FORMS}") from None
 
 
 def format_duration(seconds: float) -> str:

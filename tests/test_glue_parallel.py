@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
-from wordpiece import train_wordpiece
+from wordpiece import tiny_glue_export
 
 from cramming import runs
 from cramming.glue import GlueConfig
@@ -34,18 +34,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
     """A tiny pretraining export (random weights) with a WordPiece tokenizer trained on the shipped RTE/STS-B text."""
-    from tokenizers import Tokenizer
-
-    from cramming.model import ModelConfig, build_model, save_pretrained
-
-    root = tmp_path_factory.mktemp("ckpt")
-    lines: list[str] = []
-    for name in ("RTE/train.tsv", "STS-B/train.tsv"):
-        lines += (ASSETS / name).read_text(encoding="utf-8-sig").splitlines()[1:600]
-    tok = Tokenizer.from_file(str(train_wordpiece(lines, 300, root / "tokenizer.json")))
-    torch.manual_seed(0)
-    config = ModelConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
-    return save_pretrained(build_model(config, "mlm"), root / "final", root / "tokenizer.json")
+    return tiny_glue_export(tmp_path_factory.mktemp("ckpt"), [ASSETS / "RTE/train.tsv", ASSETS / "STS-B/train.tsv"],
+                            rows=600, vocab_size=300)
 
 
 def _setup(ckpt: Path, task: str, **overrides):

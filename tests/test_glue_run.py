@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from wordpiece import train_wordpiece
+from wordpiece import tiny_glue_export, train_wordpiece
 
 from cramming import runs
 from cramming.cli import main as cram_main
@@ -31,18 +31,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
     """A tiny pretraining export (random weights) with a WordPiece tokenizer trained on RTE/MRPC text."""
-    from cramming.model import ModelConfig, build_model, save_pretrained
-
-    root = tmp_path_factory.mktemp("ckpt")
-    lines: list[str] = []
-    for name in ("RTE/train.tsv", "MRPC/train.tsv"):
-        lines += (GLUE_DIR / name).read_text(encoding="utf-8-sig").splitlines()[1:800]
-    tok = train_wordpiece(lines, 400, root / "tokenizer.json")
-    from tokenizers import Tokenizer
-
-    config = ModelConfig(vocab_size=Tokenizer.from_file(str(tok)).get_vocab_size(), hidden_size=32, num_layers=2,
-                         num_heads=2, intermediate_size=64)
-    return save_pretrained(build_model(config, "mlm"), root / "final", tok)
+    return tiny_glue_export(tmp_path_factory.mktemp("ckpt"), [GLUE_DIR / "RTE/train.tsv", GLUE_DIR / "MRPC/train.tsv"],
+                            rows=800, vocab_size=400)
 
 
 def cram_glue(tmp: Path, *overrides: str, monkeypatch, gpu: str = "cpu") -> int:
