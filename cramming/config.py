@@ -144,6 +144,9 @@ MOVED_KEYS = {
     "train.budget_steps": "use budget=<N>steps (e.g. budget=300steps)",
     "train.budget_tokens": "use budget=<N>tokens (e.g. budget=400ktokens)",
     "gpu.target_batch_size": "use train.target_batch_size=<N> (rounded down to whole micro-batches per step)",
+    "train.decay_norms_biases_embeddings": "it is two keys now: train.decay_embeddings (true in the recipes) and "
+                                           "train.decay_norms_biases (false)",
+    "train.seed": "the seed is the top-level `seed` only: seed=<N>",
 }
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from cramming.config import parse_budget
 from cramming.corpus.masking import IGNORE_INDEX, MLMMasker
 from cramming.corpus.shards import PackedDataset, build_loader, load_manifest
 from cramming.data import order, pack
@@ -269,7 +270,7 @@ def test_tiny_pretrain_on_doc_bounded_data(tmp_path: Path) -> None:
     gpu = GpuProfile(name="cpu", micro_batch_size=16, num_workers=0)
     train = TrainConfig(target_batch_size=32, log_interval=1, eval_batches=2, checkpoint_interval_minutes=0.0,
                         reserve_margin_s=1.0, fixed_count=True)
-    pretrain(train, arch, gpu, data, tmp_path / "run", budget="3steps")
+    pretrain(train, arch, gpu, data, tmp_path / "run", budget=parse_budget("3steps"))
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["skipped_steps"] == 0
     assert np.isfinite(summary["final_loss"]) and np.isfinite(summary["val_loss"])

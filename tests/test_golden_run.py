@@ -23,6 +23,7 @@ STEPS = 12
 def _run(tmp: Path) -> list[dict]:
     import torch
 
+    from cramming.config import parse_budget
     from cramming.data.prepare import DataConfig, prepare
     from cramming.gpu import GpuProfile
     from cramming.model.bert import ModelConfig
@@ -37,7 +38,7 @@ def _run(tmp: Path) -> list[dict]:
     train = TrainConfig(target_batch_size=32, log_interval=1, eval_batches=2, checkpoint_interval_minutes=0.0,
                         reserve_margin_s=0.0)
     gpu = GpuProfile(name="cpu", micro_batch_size=8, num_workers=0)
-    pretrain(train, arch, gpu, data, tmp / "run", budget=f"{STEPS}steps", seed=0)
+    pretrain(train, arch, gpu, data, tmp / "run", budget=parse_budget(f"{STEPS}steps"), seed=0)
     recs = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
     keys = ("step", "loss", "lr", "batch_size", "tokens_seen", "val_loss")
     return [{k: r[k] for k in keys if k in r} | {"event": r.get("event", "train")} for r in recs]

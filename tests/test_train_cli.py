@@ -170,6 +170,25 @@ def test_saved_config_from_before_one_home_resumes_with_its_budget(overrides, ol
     assert upgrade_saved_config(copy.deepcopy(upgraded)) == upgraded  # today's configs pass through unchanged
 
 
+def test_saved_config_from_before_the_decay_keys_resumes_as_it_started() -> None:
+    # Runs saved with one flag for vectors and embeddings (false in every recipe) exempted the
+    # embedding table; they resume so, while new runs decay it. A saved train.seed becomes the seed.
+    from cramming.config import to_dataclass
+    from cramming.train.config import TrainConfig
+    from cramming.train.trainer import upgrade_saved_config
+
+    saved = _saved_before_one_home(["budget=1h", "gpu=cpu"])
+    assert to_dataclass(TrainConfig, saved.train, "train").decay_embeddings  # today's default
+    for key in ("decay_embeddings", "decay_norms_biases"):
+        del saved.train[key]
+    saved.train.decay_norms_biases_embeddings, saved.train.seed = False, 7
+    with pytest.raises(ConfigError, match="decay_norms_biases_embeddings moved: it is two keys now"):
+        to_dataclass(TrainConfig, saved.train, "train")
+    upgraded = upgrade_saved_config(saved)
+    train = to_dataclass(TrainConfig, upgraded.train, "train")
+    assert not train.decay_embeddings and not train.decay_norms_biases and upgraded.seed == 7
+
+
 @pytest.mark.slow
 def test_cli_sigterm_then_resume(tmp_path) -> None:
     common = [*GPU, *DATA, f"paths.data_root={tmp_path}/data", f"paths.out_root={tmp_path}/out", "run_name=r",

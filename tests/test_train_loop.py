@@ -6,6 +6,7 @@ real process can be killed or signalled mid-run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cramming.config import parse_budget
 from cramming.errors import CrammingError
 from cramming.faults import NAN_STEPS_ENV
 from cramming.gpu import GpuProfile
@@ -48,8 +50,9 @@ GPU = GpuProfile(name="cpu", micro_batch_size=16, num_workers=0)
 
 
 def train_cfg(**overrides) -> TrainConfig:
+    # eval_fraction=0: held-out losses at the start and end only, unless a test asks for them.
     base = dict(target_batch_size=64, log_interval=2, eval_batches=4, checkpoint_interval_minutes=0.0,
-                reserve_margin_s=1.0)
+                reserve_margin_s=1.0, eval_fraction=0.0)
     return TrainConfig(**{**base, **overrides})
 
 
@@ -68,7 +71,7 @@ def test_time_budget_run_ends_in_budget_with_export_and_falling_loss(data_dir, t
     budget = 12.0
     start = time.monotonic()
     with caplog.at_level("WARNING", logger="cramming.train"):
-        final = pretrain(train_cfg(lr=5e-3), tiny_arch(), GPU, data_dir, tmp_path, budget=f"{budget}s", seed=0)
+        final = pretrain(train_cfg(lr=5e-3), tiny_arch(), GPU, data_dir, tmp_path, budget=parse_budget(f"{budget}s"), seed=0)
     wall = time.monotonic() - start
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["elapsed_s"] <= budget + 1.0, summary  # overrun within a second
@@ -87,7 +90,9 @@ def test_time_budget_run_ends_in_budget_with_export_and_falling_loss(data_dir, t
     # Loss falls (by how much depends on how many steps a busy shared CPU fits into 12 s).
     assert train[-1]["loss"] < train[0]["loss"] - 0.1
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.1
-    assert train[-1]["batch_size"] == 64 and train[0]["batch_size"] < 64  # the ramp ran to the target
+    assert max(r["batch_size"] for r in train) == 64 and train[0]["batch_size"] < 64  # the ramp ran to the target
+    # The schedule ran to its end with training: the last step (cut to what still fitted) at ~0 LR.
+    assert train[-1]["progress"] >= 0.97 and train[-1]["lr"] <= 0.02 * 5e-3, train[-1]
     # The LR is the one-cycle schedule of progress, and the run went well past the peak.
     from cramming.optim.schedules import lr_factor
 
@@ -111,24 +116,63 @@ def test_time_budget_run_ends_in_budget_with_export_and_falling_loss(data_dir, t
 def test_step_and_token_budgets(data_dir, tmp_path) -> None:
     from cramming.optim.schedules import lr_factor
 
-    pretrain(train_cfg(), tiny_arch(), GPU, data_dir, tmp_path / "s", budget="7steps")
+    pretrain(train_cfg(), tiny_arch(), GPU, data_dir, tmp_path / "s", budget=parse_budget("7steps"))
     summary = json.loads((tmp_path / "s" / "summary.json").read_text())
     assert summary["steps"] == 7 and summary["budget_kind"] == "steps"
     assert summary["budget_s"] is None and summary["overrun_s"] is None and summary["budget_amount"] == 7
-    # Step n runs at progress (n - 1) / 7, which no rounding keeps: the record holds the exact value.
+    # Step n's LR is read at its end, progress n / 7 (which no rounding keeps: the record holds the
+    # exact value), so the last step's LR is the schedule's end, 0.
     train = [r for r in records(tmp_path / "s") if r.get("event") != "eval"]
-    assert [r["progress"] for r in train] == [(r["step"] - 1) / 7 for r in train]
+    assert [r["progress"] for r in train] == [r["step"] / 7 for r in train]
     assert all(r["lr"] == 1e-3 * lr_factor(r["progress"], "one-cycle", 0.5) for r in train)
-    pretrain(train_cfg(ramp_fraction=0.0), tiny_arch(), GPU, data_dir, tmp_path / "t", budget="10ktokens")
+    assert train[-1]["step"] == 7 and train[-1]["lr"] == 0.0
+    pretrain(train_cfg(ramp_fraction=0.0), tiny_arch(), GPU, data_dir, tmp_path / "t", budget=parse_budget("10ktokens"))
     summary = json.loads((tmp_path / "t" / "summary.json").read_text())
     assert summary["budget_kind"] == "tokens" and summary["budget_s"] is None
     assert summary["tokens_seen"] == 5 * 64 * 32  # 2048 tokens a step: the 5th step crosses 10k
+    # The last step takes only the micro-batches (16 x 32 tokens each) that the tokens left need.
+    pretrain(train_cfg(ramp_fraction=0.0, log_interval=1), tiny_arch(), GPU, data_dir, tmp_path / "u",
+             budget=parse_budget("9000tokens"))
+    train = [r for r in records(tmp_path / "u") if r.get("event") != "eval"]
+    assert [r["batch_size"] for r in train] == [64, 64, 64, 64, 32] and train[-1]["tokens_seen"] == 9216
+    assert train[-1]["lr"] == 0.0
+
+
+def test_held_out_loss_about_twenty_times_a_run(data_dir, tmp_path) -> None:
+    # The default interval is a fraction of the run (5%), whatever the budget's length.
+    pretrain(train_cfg(eval_fraction=0.05, ramp_fraction=0.0), tiny_arch(), GPU, data_dir, tmp_path,
+             budget=parse_budget("40steps"))
+    evals = [r for r in records(tmp_path) if r.get("event") == "eval"]
+    assert [r["step"] for r in evals] == list(range(0, 41, 2))  # the start, then every 5%, the last reused
+    assert json.loads((tmp_path / "summary.json").read_text())["val_loss"] == evals[-1]["val_loss"]
+
+
+def test_too_few_steps_for_the_schedule_are_warned_with_a_batch_that_fits(data_dir, tmp_path, caplog) -> None:
+    with caplog.at_level("WARNING", logger="cramming.train"):
+        pretrain(train_cfg(ramp_fraction=0.0), tiny_arch(), GPU, data_dir, tmp_path, budget=parse_budget("20ktokens"))
+    warned = [r.getMessage() for r in caplog.records if "too few" in r.getMessage()]
+    # 20,000 tokens are 10 steps of 64 rows of 32; ~100 steps want 625 tokens, i.e. 16 rows (one micro-batch).
+    assert len(warned) == 1 and "about 10 optimizer steps" in warned[0], warned
+    assert "train.target_batch_size=16 gives about 100" in warned[0]
+
+
+def test_cpu_profile_caps_the_target_batch(caplog) -> None:
+    from cramming.gpu import load_profile
+    from cramming.train.loop import _batch_plan
+
+    cpu = load_profile("cpu")
+    with caplog.at_level("INFO", logger="cramming.train"):
+        assert _batch_plan(TrainConfig(), cpu, 1).target == 256  # not the recipe's 4096
+    assert any("gpu.max_target_batch_size=null" in r.getMessage() for r in caplog.records)
+    uncapped = dataclasses.replace(cpu, max_target_batch_size=None)
+    assert _batch_plan(TrainConfig(), uncapped, 1).target == 4096
+    assert _batch_plan(TrainConfig(target_batch_size=64), cpu, 1).target == 64
 
 
 def test_target_batch_is_rounded_down_to_whole_micro_batches(data_dir, tmp_path, caplog) -> None:
     with caplog.at_level("INFO", logger="cramming.train"):
         pretrain(train_cfg(target_batch_size=56, ramp_fraction=0.0, log_interval=1), tiny_arch(), GPU, data_dir,
-                 tmp_path, budget="2steps")
+                 tmp_path, budget=parse_budget("2steps"))
     train = [r for r in records(tmp_path) if r.get("event") != "eval"]
     assert [r["batch_size"] for r in train] == [48, 48]  # 3 micro-batches of 16, not above 56
     assert any("rounded down" in r.getMessage() and "48 sequences" in r.getMessage() for r in caplog.records)
@@ -136,14 +180,14 @@ def test_target_batch_is_rounded_down_to_whole_micro_batches(data_dir, tmp_path,
 
 def test_nan_loss_is_skipped_and_counted(data_dir, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv(NAN_STEPS_ENV, "2,3")
-    pretrain(train_cfg(), tiny_arch(), GPU, data_dir, tmp_path / "a", budget="6steps")
+    pretrain(train_cfg(), tiny_arch(), GPU, data_dir, tmp_path / "a", budget=parse_budget("6steps"))
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert summary["skipped_steps"] == 2 and summary["steps"] == 6
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records(tmp_path / "a") if r.get("loss") is not None)
     # Too many in a row: stop with a clear message and a checkpoint.
     monkeypatch.setenv(NAN_STEPS_ENV, ",".join(str(i) for i in range(100)))
     with pytest.raises(Interrupted, match="3 non-finite steps in a row") as stop:
-        pretrain(train_cfg(max_nonfinite_steps=3), tiny_arch(), GPU, data_dir, tmp_path / "b", budget="50steps")
+        pretrain(train_cfg(max_nonfinite_steps=3), tiny_arch(), GPU, data_dir, tmp_path / "b", budget=parse_budget("50steps"))
     assert stop.value.exit_code == 3
     assert latest_checkpoint(tmp_path / "b").name == "step-00000003"
 
@@ -154,7 +198,7 @@ def test_random_ltd_logs_keep_and_savings(data_dir, tmp_path) -> None:
     arch = ModelConfig(name="ltd", hidden_size=32, num_layers=4, num_heads=2, intermediate_size=64, max_seq_len=32)
     cfg = train_cfg(log_interval=1,
                     random_ltd=RandomLTDConfig(enabled=True, start_keep=16, full_at_fraction=0.5, granularity=8))
-    pretrain(cfg, arch, GPU, data_dir, tmp_path, budget="10steps")
+    pretrain(cfg, arch, GPU, data_dir, tmp_path, budget=parse_budget("10steps"))
     train = [r for r in records(tmp_path) if r.get("event") != "eval"]
     assert [r["keep_tokens"] for r in train] == [16, 16, 16, 24, 24, 32, 32, 32, 32, 32]
     expected = sum(r["batch_size"] * 2 * (32 - r["keep_tokens"]) for r in train)
@@ -170,7 +214,7 @@ def test_second_run_in_same_folder_refuses(data_dir, tmp_path) -> None:
         tmp_path.mkdir(exist_ok=True)
         (tmp_path / ".lock").write_text(json.dumps({"pid": child.pid, "host": socket.gethostname()}))
         with pytest.raises(CrammingError, match="in use by another run"):
-            pretrain(train_cfg(), tiny_arch(), GPU, data_dir, tmp_path, budget="2steps")
+            pretrain(train_cfg(), tiny_arch(), GPU, data_dir, tmp_path, budget=parse_budget("2steps"))
         assert not (tmp_path / "metrics.jsonl").exists()
     finally:
         child.kill()
@@ -253,7 +297,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, data_dir: str, out_dir: s
     bert.CrammedBertForMLM = Capture  # keep a handle on this rank's model
     torch.set_num_threads(1)
     pretrain(train_cfg(checkpoint_interval_minutes=0.0), tiny_arch(), GPU, data_dir, Path(out_dir) / "run",
-             budget="6steps")
+             budget=parse_budget("6steps"))
     save_file({k: v.contiguous() for k, v in built[0].state_dict().items()}, f"{out_dir}/rank{rank}.safetensors")
 
 
@@ -285,7 +329,7 @@ def _main(argv: list[str]) -> int:
     torch.set_num_threads(1)
     try:
         pretrain(train_cfg(checkpoint_interval_minutes=0.03, log_interval=1), tiny_arch(), GPU, data_dir, run_dir,
-                 budget=f"{budget}s", resume=resume)
+                 budget=parse_budget(f"{budget}s"), resume=resume)
     except Interrupted as stop:
         print(f"cram pretrain: {stop}", flush=True)
         return stop.exit_code
@@ -298,14 +342,14 @@ if __name__ == "__main__":
 
 def test_progress_bar_counts_time_left_between_log_steps(data_dir, tmp_path, capsys) -> None:
     # No log step until the end: the bar's time left must still move with every step.
-    pretrain(train_cfg(log_interval=10_000, log_interval_s=0.0), tiny_arch(), GPU, data_dir, tmp_path, budget="6s")
+    pretrain(train_cfg(log_interval=10_000, log_interval_s=0.0), tiny_arch(), GPU, data_dir, tmp_path, budget=parse_budget("6s"))
     shown = set(re.findall(r"left=([^,\]\s]+)", capsys.readouterr().err))
     assert len(shown - {"-"}) >= 2, shown
 
 
 def test_budget_smaller_than_setup_warns_and_skips_the_repeated_eval(data_dir, tmp_path, caplog) -> None:
     with caplog.at_level("WARNING", logger="cramming.train"):
-        pretrain(train_cfg(), tiny_arch(), GPU, data_dir, tmp_path, budget="0.2s")
+        pretrain(train_cfg(), tiny_arch(), GPU, data_dir, tmp_path, budget=parse_budget("0.2s"))
     assert any("budget is spent before the first step" in r.getMessage() for r in caplog.records)
     summary = json.loads((tmp_path / "summary.json").read_text())
     evals = [r for r in records(tmp_path) if r.get("event") == "eval"]
@@ -317,7 +361,7 @@ def test_budget_smaller_than_setup_warns_and_skips_the_repeated_eval(data_dir, t
 def test_final_phase_reuses_an_interval_eval_of_the_last_step(data_dir, tmp_path) -> None:
     # An interval this short evaluates after every step, the last one included: the final phase
     # must reuse that loss instead of evaluating the same weights again inside the reserve.
-    pretrain(train_cfg(eval_interval_minutes=1e-9), tiny_arch(), GPU, data_dir, tmp_path, budget="3steps")
+    pretrain(train_cfg(eval_interval_minutes=1e-9), tiny_arch(), GPU, data_dir, tmp_path, budget=parse_budget("3steps"))
     evals = [r for r in records(tmp_path) if r.get("event") == "eval"]
     assert [r["step"] for r in evals] == [0, 1, 2, 3]
     assert json.loads((tmp_path / "summary.json").read_text())["val_loss"] == evals[-1]["val_loss"]
@@ -342,7 +386,7 @@ def test_epochs_count_the_wrap_around_and_a_step_budget_warns_before_training(sm
 
     rows = len(PackedDataset(small_data, "train")) // 16 * 16  # whole micro-batches of 16 per pass
     with caplog.at_level("WARNING", logger="cramming.train"):
-        pretrain(train_cfg(ramp_fraction=0.0), tiny_arch(), GPU, small_data, tmp_path, budget="8steps")
+        pretrain(train_cfg(ramp_fraction=0.0), tiny_arch(), GPU, small_data, tmp_path, budget=parse_budget("8steps"))
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["rows_drawn"] == 8 * 64 and summary["rows_per_epoch"] == rows
     assert summary["epochs"] == pytest.approx(8 * 64 / rows) and summary["epochs"] > 1
@@ -356,7 +400,7 @@ def test_epochs_count_the_wrap_around_and_a_step_budget_warns_before_training(sm
 
 def test_no_revisit_warning_when_the_budget_fits_in_one_pass(small_data, tmp_path, caplog) -> None:
     with caplog.at_level("WARNING", logger="cramming.train"):
-        pretrain(train_cfg(ramp_fraction=0.0), tiny_arch(), GPU, small_data, tmp_path, budget=f"{2 * 64 * 32}tokens")
+        pretrain(train_cfg(ramp_fraction=0.0), tiny_arch(), GPU, small_data, tmp_path, budget=parse_budget(f"{2 * 64 * 32}tokens"))
     assert _revisit_warnings(caplog) == []
     assert json.loads((tmp_path / "summary.json").read_text())["epochs"] < 1
 
@@ -367,8 +411,8 @@ def test_time_budget_projection_from_the_first_steps(pass_rows, warns, caplog) -
     from cramming.train.inputs import DataPasses
 
     now = [0.0]
-    budget = Budget("time", 100.0, margin_s=0.0, clock=lambda: now[0])
-    passes = DataPasses(pass_rows, micro=10, world_size=1, seq_len=100, enabled=True)
+    budget = Budget(parse_budget("100s"), margin_s=0.0, clock=lambda: now[0])
+    passes = DataPasses(pass_rows, seq_len=100, enabled=True)
     with caplog.at_level("WARNING", logger="cramming.train"):
         passes.observe(budget, tokens=1_000, elapsed=1.0, logged=True)  # first step: the baseline only
         passes.observe(budget, tokens=2_000, elapsed=2.0, logged=False)  # not a record: undecided

@@ -40,6 +40,29 @@ def test_pretraining_groups_exempt_vectors_and_embeddings() -> None:
     assert not _opt(model, fused=False).defaults["fused"]
 
 
+def test_the_recipes_decay_the_embedding_table(monkeypatch, tmp_path) -> None:
+    # The recipe's AdamW decays every matrix, the (tied) word embeddings included; only biases and
+    # norm weights are exempt, as in the paper's implementation and original BERT.
+    from cramming.config import parse_budget
+    from cramming.gpu import GpuProfile
+    from cramming.model.bert import ModelConfig
+    from cramming.train import loop
+    from cramming.train.config import TrainConfig
+    from tests.test_train_loop import tiny_data
+
+    built = []
+    monkeypatch.setattr(loop, "build_optimizer", lambda *a, **kw: built.append(build_optimizer(*a, **kw)) or built[-1])
+    arch = ModelConfig(name="t", hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_seq_len=32)
+    loop.pretrain(TrainConfig(target_batch_size=16, eval_batches=1, checkpoint_interval_minutes=0.0), arch,
+                  GpuProfile(micro_batch_size=16, num_workers=0), tiny_data(tmp_path / "data"), tmp_path / "run",
+                  budget=parse_budget("1steps"))
+    decay, no_decay = built[0].param_groups
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    assert sum(p.numel() for p in decay["params"]) == sum(p.numel() for p in no_decay["params"] + decay["params"]
+                                                          if p.ndim >= 2)
+    assert all(p.ndim < 2 for p in no_decay["params"])  # norm weights, biases, the position scale
+
+
 def test_glue_groups_decay_embeddings_and_see_through_stacked_dimensions() -> None:
     model = _tiny_bert()
     opt = _opt(model.parameters())  # tensors only: matrices (embeddings too) decay, vectors do not

@@ -9,8 +9,10 @@ import pickle
 import pytest
 import torch
 
+from cramming.config import parse_budget
 from cramming.errors import CheckpointError, ConfigError
 from cramming.optim import schedules
+from cramming.optim.batch_plan import BatchPlan
 from cramming.train.budget import Budget
 from cramming.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from cramming.train.config import RandomLTDConfig, TrainConfig
@@ -90,41 +92,44 @@ def test_lambda_lr_scales_the_peak_by_the_factor_of_progress() -> None:
         schedules.lambda_lr(optimizer, lambda p: 1.0, 0)
 
 
-# --- batch ramp -----------------------------------------------------------------------------------
+# --- batch plan ----------------------------------------------------------------------------------
 
 
 def test_batch_ramp_hits_target_at_fraction() -> None:
-    kw = dict(micro_batch_size=96, target_batch_size=4032, ramp_fraction=0.6)
-    assert schedules.accumulation_steps(0.0, **kw) == 1
-    assert schedules.accumulation_steps(0.6, **kw) == 42  # 4032 = 42 x 96, reached at 60%
-    assert schedules.accumulation_steps(0.59, **kw) < 42
-    assert schedules.accumulation_steps(1.0, **kw) == 42
-    steps = [schedules.accumulation_steps(i / 100, **kw) for i in range(101)]
+    plan = BatchPlan.build(4032, 96, ramp_fraction=0.6)
+    assert plan.accumulation(0.0) == 1
+    assert plan.accumulation(0.6) == 42  # 4032 = 42 x 96, reached at 60%
+    assert plan.accumulation(0.59) < 42
+    assert plan.accumulation(1.0) == 42 == plan.target_accumulation
+    steps = [plan.accumulation(i / 100) for i in range(101)]
     assert steps == sorted(steps)  # never shrinks
     # Halfway through the ramp: halfway between 96 and 4032 sequences.
-    assert schedules.batch_size(0.3, **kw) == pytest.approx((96 + 4032) / 2, abs=1)
+    assert plan.batch_size(0.3) == pytest.approx((96 + 4032) / 2, abs=1)
+    assert plan.sequences(3) == 288
 
 
 def test_target_batch_rounds_down_to_whole_micro_batches() -> None:
     # The recipe's 4096 becomes the paper's 4032 = 42 x 96 on a 2080 Ti, and stays on 128/256 micro-batches.
-    assert schedules.round_target_batch(4096, 96) == 4032
-    assert schedules.round_target_batch(4096, 128) == 4096 and schedules.round_target_batch(4096, 256) == 4096
-    assert schedules.round_target_batch(4096, 96, world_size=2) == 4032  # 21 x 96 x 2
-    assert schedules.round_target_batch(4096, 100, world_size=3) == 3900
-    assert schedules.round_target_batch(32, 8) == 32
+    assert BatchPlan.build(4096, 96).target == 4032
+    assert BatchPlan.build(4096, 128).target == 4096 and BatchPlan.build(4096, 256).target == 4096
+    assert BatchPlan.build(4096, 96, world_size=2).target == 4032  # 21 x 96 x 2
+    assert BatchPlan.build(4096, 100, world_size=3).target == 3900
+    assert BatchPlan.build(32, 8).target == 32
     # At least one micro-batch per rank, however small the target.
-    assert schedules.round_target_batch(64, 256) == 256 and schedules.round_target_batch(100, 64, world_size=2) == 128
-    with pytest.raises(ValueError, match="micro_batch_size"):
-        schedules.round_target_batch(4096, 0)
+    assert BatchPlan.build(64, 256).target == 256 and BatchPlan.build(100, 64, world_size=2).target == 128
+    with pytest.raises(ValueError, match="micro-batch"):
+        BatchPlan.build(4096, 0)
+    with pytest.raises(ValueError, match="whole number of rounds"):
+        BatchPlan(96, 4096)
 
 
-def test_batch_ramp_ddp_and_final_batch() -> None:
-    assert schedules.accumulation_steps(0.0, 32, 256, 0.5, world_size=2) == 1
-    assert schedules.accumulation_steps(0.5, 32, 256, 0.5, world_size=2) == 4  # 4 x 32 x 2 = 256
-    assert schedules.accumulation_steps(0.2, 32, 256, 0.0) == 8  # no ramp: the target from the start
-    kw = dict(final_batch_size=512, final_batch_fraction=0.1)
-    assert schedules.accumulation_steps(0.89, 32, 256, 0.5, **kw) == 8
-    assert schedules.accumulation_steps(0.9, 32, 256, 0.5, **kw) == 16
+def test_batch_ramp_ddp_final_batch_and_passes() -> None:
+    ddp = BatchPlan.build(256, 32, world_size=2, ramp_fraction=0.5)
+    assert ddp.accumulation(0.0) == 1 and ddp.accumulation(0.5) == 4  # 4 x 32 x 2 = 256
+    assert ddp.rows_per_pass(1000) == 960  # the loader drops the part that does not fill a round
+    assert BatchPlan.build(256, 32).accumulation(0.2) == 8  # no ramp: the target from the start
+    final = BatchPlan.build(256, 32, ramp_fraction=0.5, final_batch_size=512, final_batch_fraction=0.1)
+    assert final.accumulation(0.89) == 8 and final.accumulation(0.9) == 16
 
 
 # --- random-LTD -----------------------------------------------------------------------------------
@@ -144,23 +149,10 @@ def test_mslg_grows_to_full_length_on_time() -> None:
     assert schedules.keep_tokens(0.7 * 0.25, **kw) == 80
 
 
-def test_layer_token_progress() -> None:
-    kw = dict(seq_len=128, num_layers=16, start_keep=64, full_at_fraction=0.7, granularity=16)
-    assert schedules.layer_token_progress(0.0, **kw) == 0.0
-    assert schedules.layer_token_progress(1.0, **kw) == pytest.approx(1.0)
-    grid = [i / 200 for i in range(201)]
-    q = [schedules.layer_token_progress(p, **kw) for p in grid]
-    assert q == sorted(q)
-    assert all(qi <= p + 1e-12 for qi, p in zip(q, grid, strict=True))  # layer-tokens lag data while dropping
-    # Exact value on the first segment: all layers at keep=64 -> rate (2*128 + 14*64) / (16*128).
-    rate0 = (2 * 128 + 14 * 64) / (16 * 128)
-    segs = [(0.0, 0.175, 64), (0.175, 0.35, 80), (0.35, 0.525, 96), (0.525, 0.7, 112), (0.7, 1.0, 128)]
-    total = sum((b - a) * (2 * 128 + 14 * k) / (16 * 128) for a, b, k in segs)
-    assert schedules.layer_token_progress(0.1, **kw) == pytest.approx(0.1 * rate0 / total)
-    # LayerToken LR: the warmup is stretched (LR lower early than with progress-driven LR).
-    assert schedules.lr_factor(q[20], "one-cycle", 0.5) < schedules.lr_factor(grid[20], "one-cycle", 0.5)
-    # No middle layers: nothing is dropped and layer-token progress is progress.
-    assert schedules.layer_token_progress(0.3, 128, 2, 64, 0.7, 16) == pytest.approx(0.3)
+def test_layer_tokens_count_the_middle_layers_at_the_kept_length() -> None:
+    assert schedules.layer_tokens(10, None, 128, 16) == 10 * 128 * 16
+    assert schedules.layer_tokens(10, 64, 128, 16) == 10 * (2 * 128 + 14 * 64)
+    assert schedules.layer_tokens(10, 64, 128, 2) == 10 * 128 * 2  # no middle layers: nothing dropped
 
 
 # --- budget ---------------------------------------------------------------------------------------
@@ -174,30 +166,131 @@ class FakeClock:
         return self.now
 
 
-def test_time_budget_progress_reserve_and_resume_offset() -> None:
+def _budget(text: str, **kw) -> Budget:
+    return Budget(parse_budget(text), **kw)
+
+
+def test_time_budget_progress_runs_to_the_end_of_training_not_the_deadline() -> None:
     clock = FakeClock()
-    budget = Budget("time", 100.0, margin_s=2.0, clock=clock)
-    clock.now += 50
-    assert budget.progress(0, 0) == pytest.approx(0.5)
+    budget = _budget("100s", margin_s=2.0, clock=clock)
+    clock.now += 49
+    assert budget.progress(0, 0) == pytest.approx(49 / 98)  # training ends at 100 - 2 s
     budget.note_final_cost(3.0)
-    assert budget.reserve_s == pytest.approx(5.0)
-    clock.now += 44
-    assert not budget.done(0, 0)
-    clock.now += 1.5
-    assert budget.done(0, 0)  # 95.5 + 5 >= 100
-    assert budget.remaining_s() == pytest.approx(4.5)
-    resumed = Budget("time", 100.0, elapsed_offset=60.0, clock=clock)
-    assert resumed.elapsed() == pytest.approx(60.0)
-    assert resumed.progress(0, 0) == pytest.approx(0.6)
+    assert budget.reserve_s == pytest.approx(5.0) and budget.training_end_s() == pytest.approx(95.0)
+    clock.now += 45.5
+    assert not budget.done(0, 0) and budget.progress(0, 0) == pytest.approx(94.5 / 95)
+    clock.now += 0.5
+    assert budget.done(0, 0) and budget.progress(0, 0) == 1.0
+    assert budget.remaining_s() == pytest.approx(5.0)
+    resumed = _budget("100s", elapsed_offset=60.0, margin_s=0.0, clock=clock)
+    assert resumed.elapsed() == pytest.approx(60.0) and resumed.progress(0, 0) == pytest.approx(0.6)
 
 
 def test_token_and_step_budgets() -> None:
-    tokens = Budget("tokens", 1000)
+    tokens = _budget("1000tokens")
     assert tokens.progress(5, 250) == 0.25 and not tokens.done(5, 999) and tokens.done(5, 1000)
-    steps = Budget("steps", 10)
+    steps = _budget("10steps")
     assert steps.progress(5, 10**9) == 0.5 and steps.done(10, 0) and steps.remaining_s() is None
-    with pytest.raises(ValueError):
-        Budget("epochs", 1)
+
+
+def test_the_last_step_takes_what_still_fits() -> None:
+    plan = BatchPlan.build(256, 32)  # 8 micro-batches a step
+    clock = FakeClock()
+    budget = _budget("100s", margin_s=0.0, clock=clock)
+    assert budget.next_accumulation(plan, 3, 0, 128, elapsed=50.0, per_micro_s=1.0) == 8
+    assert budget.next_accumulation(plan, 3, 0, 128, elapsed=97.0, per_micro_s=1.0) == 3
+    assert budget.next_accumulation(plan, 3, 0, 128, elapsed=99.4, per_micro_s=1.0) == 1  # 0.6 rounds to 1
+    assert budget.next_accumulation(plan, 3, 0, 128, elapsed=99.6, per_micro_s=1.0) == 0  # 0.4 rounds to 0
+    assert budget.next_accumulation(plan, 3, 0, 128, elapsed=97.0) == 8  # pace unknown: the plan's
+    # Tokens: no more rounds than the tokens left need; the plan of the whole run follows the same rule.
+    tokens = _budget(f"{20 * 32 * 128}tokens")
+    assert tokens.next_accumulation(plan, 2, 16 * 32 * 128, 128) == 4
+    assert tokens.planned_accumulations(plan, 128) == [8, 8, 4]
+    assert _budget("5steps").planned_accumulations(plan, 128) == [8] * 5
+    assert budget.planned_accumulations(plan, 128) is None
+
+
+# --- the loop's step plan: LR to the end of training, LayerToken LR per budget kind ----------------
+
+
+def _simulate(budget_text: str, train: TrainConfig, per_micro_s: float, *, micro: int = 32, seq_len: int = 128,
+              layers: int = 16, setup_s: float = 5.0, margin_s: float = 2.0) -> tuple[list, Budget]:
+    """The loop's planning (loop.plan_step) over a whole run with an injected clock on which every
+    micro-batch takes `per_micro_s`; returns the steps planned and the budget."""
+    from types import SimpleNamespace
+
+    from cramming.model.bert import ModelConfig
+    from cramming.train import loop
+    from cramming.train.state import TrainState
+
+    clock = FakeClock()
+    budget = _budget(budget_text, margin_s=margin_s, clock=clock)
+    clock.now += setup_s
+    plan = BatchPlan.build(train.target_batch_size, micro, 1, train.ramp_fraction)
+    arch = ModelConfig(num_layers=layers, max_seq_len=seq_len)
+    planned = budget.planned_accumulations(plan, seq_len)
+    s = SimpleNamespace(budget=budget, plan=plan, seq_len=seq_len, train=train, arch=arch, planned=planned,
+                        planned_layer_tokens=loop._planned_layer_tokens(train, arch, budget, plan, planned, seq_len))
+    state, pace, steps = TrainState(), loop.Pace(0), []
+    while (step := loop.plan_step(s, state, loop.Clock(budget.elapsed(), 0, pace.per_micro_s))) is not None:
+        clock.now += step.accum * per_micro_s
+        state.step += 1
+        state.tokens += step.sequences * seq_len
+        if step.keep is not None:
+            state.layer_tokens_saved += step.sequences * (layers - 2) * (seq_len - step.keep)
+        pace.observe(step.accum * per_micro_s, step.accum, state.step)
+        steps.append(step)
+    return steps, budget
+
+
+@pytest.mark.parametrize("ramp", [0.0, 0.6])
+@pytest.mark.parametrize("target_steps", [20, 37, 200])
+def test_time_budget_lr_reaches_zero_when_training_ends(ramp: float, target_steps: int) -> None:
+    # A budget that fits `target_steps` optimizer steps at the target batch (8 micro-batches of 0.7 s).
+    train = TrainConfig(target_batch_size=256, ramp_fraction=ramp)
+    budget_s = 5.0 + 2.0 + target_steps * 8 * 0.7
+    steps, budget = _simulate(f"{budget_s}s", train, per_micro_s=0.7)
+    assert steps[-1].lr <= 0.02 * train.lr, (len(steps), steps[-1])
+    assert len(steps) >= target_steps
+    # Training ended within half a micro-batch of its end, before the reserve.
+    assert abs(budget.elapsed() - budget.training_end_s()) <= 0.35 + 1e-9
+
+
+def test_a_short_time_budget_still_uses_its_schedule() -> None:
+    # The issue's case: 60 s, full steps of 128 micro-batches at 0.16 s (20 s a step). Before, the run
+    # stopped at 36% of its schedule; now the last step is cut to fit and the schedule ends with it.
+    train = TrainConfig(target_batch_size=4096, ramp_fraction=0.6)
+    steps, budget = _simulate("60s", train, per_micro_s=0.16)
+    assert budget.progress(len(steps), 0) == pytest.approx(1.0, abs=0.01)
+    assert steps[-1].lr <= 0.05 * train.lr
+
+
+def test_layer_token_lr_under_a_time_budget_follows_time() -> None:
+    # Under a time budget compute per second is constant, so layer-tokens consumed are the time
+    # fraction: the one-cycle LR peaks at half the training time (not at 58% as the MSLG integral had it).
+    train = TrainConfig(target_batch_size=256, ramp_fraction=0.0, random_ltd=RandomLTDConfig(enabled=True))
+    plain = TrainConfig(target_batch_size=256, ramp_fraction=0.0)
+    steps, budget = _simulate("1000s", train, per_micro_s=0.5)
+    baseline, _ = _simulate("1000s", plain, per_micro_s=0.5)
+    assert [s.lr for s in steps] == pytest.approx([s.lr for s in baseline])
+    quarter = min(steps, key=lambda s: abs(s.progress - 0.25))
+    assert quarter.lr / train.lr == pytest.approx(0.5, abs=0.02)  # 0.368 before
+    assert steps[-1].lr <= 0.02 * train.lr
+
+
+@pytest.mark.parametrize("budget_text", ["300steps", "6000ktokens"])
+def test_layer_token_lr_counts_layer_tokens_for_step_and_token_budgets(budget_text: str) -> None:
+    # Counted as consumed against the planned total, batch ramp included: 1 exactly at the last step,
+    # and below the plain schedule's progress while tokens are dropped (the warmup is stretched).
+    train = TrainConfig(target_batch_size=256, ramp_fraction=0.6, random_ltd=RandomLTDConfig(enabled=True))
+    steps, _ = _simulate(budget_text, train, per_micro_s=0.5)
+    plain, _ = _simulate(budget_text, TrainConfig(target_batch_size=256, ramp_fraction=0.6), per_micro_s=0.5)
+    assert len(steps) == len(plain)
+    assert steps[-1].lr == 0.0 and plain[-1].lr == 0.0
+    early = len(steps) // 5
+    assert steps[early].lr < plain[early].lr
+    peak = max(range(len(steps)), key=lambda i: steps[i].lr)
+    assert peak > max(range(len(plain)), key=lambda i: plain[i].lr)
 
 
 # --- config ---------------------------------------------------------------------------------------

@@ -54,8 +54,12 @@ class TrainConfig:
     """AdamW epsilon."""
     weight_decay: float = 0.01
     """Decoupled weight decay."""
-    decay_norms_biases_embeddings: bool = False
-    """Also decay norm weights, biases (any 1-D parameter) and embedding tables (off in the recipe)."""
+    decay_embeddings: bool = True
+    """Decay the embedding tables (the word embeddings are also the tied output projection) like the
+    other matrices, as the paper's implementation, original BERT and transformers' run_mlm do;
+    false exempts them (an ablation; runs saved before this key existed resumed with false)."""
+    decay_norms_biases: bool = False
+    """Also decay norm weights and biases (every 1-D parameter); exempt in every recipe."""
     fused: bool | None = None
     """Fused AdamW kernel: null = on CUDA and CPU (where torch has one), true/false to force."""
     grad_clip: float = 0.5
@@ -101,15 +105,16 @@ class TrainConfig:
     log_interval_s: float = 30.0
     """Also write a metric record when this many seconds passed since the last one, so slow steps
     (a CPU, a large accumulated batch) still give a loss curve; 0 disables."""
-    eval_interval_minutes: float = 0.0
-    """Minutes between held-out MLM evaluations during training (0 = at the start and end only)."""
+    eval_fraction: float = 0.05
+    """Held-out MLM evaluation every this fraction of the run's progress (0.05: about 20 points
+    whatever the budget's length; 0 = at the start and end only). Its cost counts against the budget."""
+    eval_interval_minutes: float | None = None
+    """Minutes between held-out evaluations instead of `eval_fraction` (null = use the fraction)."""
     eval_batches: int = 16
     """Micro-batches of the val split per evaluation (fixed masks, the same each time)."""
     eval_mask_rate: float | None = None
     """Masking rate of the held-out evaluation; null = mask_rate. Set it equal to compare recipes
     that train with different rates (the loss depends on how much context is masked)."""
-    seed: int | None = None
-    """Seed for init, data order and masks; null = the top-level `seed`."""
     shuffle: bool = False
     """Shuffle the training rows each epoch; off keeps the prepared order (the prevalence sort)."""
     tensorboard: bool = False
@@ -141,7 +146,9 @@ class TrainConfig:
             (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
             (self.log_interval >= 1, "log_interval must be >= 1"),
             (self.log_interval_s >= 0, "log_interval_s must be >= 0"),
-            (self.eval_interval_minutes >= 0, "eval_interval_minutes must be >= 0"),
+            (0 <= self.eval_fraction <= 1, f"eval_fraction must be in [0, 1], got {self.eval_fraction}"),
+            (self.eval_interval_minutes is None or self.eval_interval_minutes >= 0,
+             "eval_interval_minutes must be >= 0 or null"),
             (self.eval_batches >= 1, "eval_batches must be >= 1"),
             (self.eval_mask_rate is None or 0 < self.eval_mask_rate < 1, "eval_mask_rate must be in (0, 1) or null"),
         ])

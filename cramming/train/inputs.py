@@ -18,7 +18,6 @@ import torch
 
 from cramming.corpus.masking import MLMMasker
 from cramming.corpus.shards import PackedDataset, build_loader
-from cramming.optim import schedules
 from cramming.train import signals
 from cramming.train.budget import Budget
 from cramming.train.config import TrainConfig
@@ -121,10 +120,9 @@ class DataPasses:
     record (`observe`).
     """
 
-    def __init__(self, train_rows: int, micro: int, world_size: int, seq_len: int, enabled: bool) -> None:
-        # The loader drops each pass's remainder that does not fill a micro-batch on every rank
-        # (shards._MicroBatches), so the next pass starts after this many rows.
-        self.rows = train_rows // (micro * world_size) * micro * world_size
+    def __init__(self, rows: int, seq_len: int, enabled: bool) -> None:
+        self.rows = rows
+        """Rows one pass delivers (BatchPlan.rows_per_pass)."""
         self.seq_len, self.enabled = seq_len, enabled
         self.checked = False
         self._baseline: tuple[float, int] | None = None  # (elapsed, tokens) after the first step
@@ -157,20 +155,5 @@ class DataPasses:
         if not logged or elapsed <= start:
             return
         rate = (tokens - start_tokens) / (elapsed - start)
-        left = max(0.0, budget.total - budget.reserve_s - elapsed)
+        left = max(0.0, budget.training_end_s() - elapsed)
         self.check(tokens + rate * left, f"at the measured {rate:,.0f} tokens/s the time budget draws")
-
-
-def planned_tokens(budget: Budget, train: TrainConfig, micro: int, target: int, world_size: int,
-                   seq_len: int) -> float | None:
-    """Tokens a token or step budget will draw (known before the first step); None for time budgets."""
-    if budget.kind == "tokens":
-        return budget.total
-    if budget.kind == "steps":
-        steps = int(budget.total)
-        # Step s runs at progress s / steps: the batch ramp's micro-batches per step, summed.
-        micro_batches = sum(schedules.accumulation_steps(s / steps, micro, target, train.ramp_fraction, world_size,
-                                                         train.final_batch_size, train.final_batch_fraction)
-                            for s in range(steps))
-        return micro_batches * micro * world_size * seq_len
-    return None

@@ -3,11 +3,12 @@
 Read top to bottom. `pretrain` holds the run's `with` blocks (run lock, signals, loader, run log)
 and calls, in the order they happen:
 
-- `setup`: data, model, optimizer, resume, and a probe step that compiles (counted in the budget);
+- `setup`: data, model, optimizer, a probe step that compiles (counted in the budget), then resume;
 - `start`: the start-of-run held-out loss and checkpoint, which size the budget's reserve;
-- `train_steps`: until the budget is spent, plan a step from the budget's progress (`plan_step`),
-  take it (`optimizer_step`: accumulation under autocast, clipping, a guarded AdamW step), then
-  log, evaluate and checkpoint at their intervals (`after_step`);
+- `train_steps`: until the budget is spent, the ranks `agree` on a `Clock`, from which alone the
+  next step is planned (`plan_step`: its micro-batches, cut to what still fits, and its LR) and the
+  interval evaluation and checkpoint are decided (`interval_duties`); the step is taken
+  (`optimizer_step`: accumulation under autocast, clipping, a guarded AdamW step) and logged;
 - `finish`: the final phase inside the reserve (checkpoint, held-out loss unless the latest
   evaluation is of the same step, export, summary, plot).
 
@@ -20,9 +21,7 @@ import contextlib
 import dataclasses
 import logging
 import math
-import os
 import random
-import shutil
 import signal
 import time
 from collections.abc import Callable, Iterable
@@ -33,12 +32,14 @@ from typing import Any, Literal
 import torch
 from omegaconf import OmegaConf
 
-from cramming.config import BudgetSpec, format_duration, parse_budget
+from cramming import faults
+from cramming.config import BudgetSpec, format_duration
 from cramming.errors import ConfigError
-from cramming.faults import fault_point, nan_steps
 from cramming.gpu import GpuProfile
 from cramming.model import bert
+from cramming.model.export import save_pretrained
 from cramming.optim import schedules
+from cramming.optim.batch_plan import BatchPlan
 from cramming.optim.groups import build_optimizer
 from cramming.optim.precision import autocast, grad_scaler
 from cramming.runs import RunLock
@@ -52,7 +53,6 @@ from cramming.train.inputs import (
     heldout_batches,
     model_kwargs,
     open_data,
-    planned_tokens,
     probe_batch,
 )
 from cramming.train.runlog import RunLog
@@ -93,10 +93,12 @@ class Setup:
     """DDP's no_sync (gradients are all-reduced on the last micro-batch only); a no-op otherwise."""
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    micro: int
-    """Sequences per micro-batch on each rank."""
-    target: int
-    """Sequences per optimizer step once the batch ramp is done."""
+    plan: BatchPlan
+    """Micro-batch, ranks, target batch and ramp."""
+    planned: list[int] | None
+    """Every step's micro-batches per rank of a token or step budget (None for time budgets)."""
+    planned_layer_tokens: int | None
+    """Layer-tokens a token or step budget will compute (random-LTD's LayerToken LR is their share consumed)."""
     mfu_per_token: float | None
     seed: int
     config_text: str
@@ -112,12 +114,17 @@ class Setup:
     def seq_len(self) -> int:
         return self.data.seq_len
 
+    @property
+    def micro(self) -> int:
+        return self.plan.micro
+
 
 @dataclass
 class Step:
     """One optimizer step's plan, all from the budget's progress at its start."""
 
     progress: float = 0.0
+    """The budget's progress when the step ends (its LR is read there; its batch at its start)."""
     lr: float = 0.0
     accum: int = 0
     """Micro-batches each rank accumulates."""
@@ -159,23 +166,22 @@ def pretrain(
     data_dir: str | Path,
     run_dir: str | Path,
     *,
-    budget: BudgetSpec | str = "1h",
+    budget: BudgetSpec,
     seed: int = 0,
     resume: bool = False,
     config_text: str | None = None,
 ) -> Path:
-    """Pretrain `arch` on the prepared data in `data_dir`; returns `run_dir/final`.
+    """Pretrain `arch` on the prepared data in `data_dir` within `budget`; returns `run_dir/final`.
 
-    `budget` is a parsed or a written top-level `budget` (e.g. "90m", "300steps", "2.5Mtokens").
-    With `resume`, continues from the newest checkpoint in `run_dir`. Raises `Interrupted` (with
-    the exit code to use) when stopped by SIGTERM/SIGINT or by repeated non-finite steps, after
-    writing a checkpoint.
+    `budget` is the parsed top-level `budget` (cramming.config.parse_budget: "90m", "300steps",
+    "2.5Mtokens"). With `resume`, continues from the newest checkpoint in `run_dir`. Raises
+    `Interrupted` (with the exit code to use) when stopped by SIGTERM/SIGINT or by repeated
+    non-finite steps, after writing a checkpoint.
     """
     run_dir, data_dir = Path(run_dir), Path(data_dir)
-    seed = train.seed if train.seed is not None else seed
-    spec = budget if isinstance(budget, BudgetSpec) else parse_budget(budget)
-    info = dist_utils.setup(gpu.device)
-    run_budget = Budget(spec.kind, spec.amount, margin_s=train.reserve_margin_s)  # the clock starts here: setup counts
+    info = dist_utils.setup(gpu.device, run_dir=run_dir)
+    # The clock starts here: setup counts.
+    run_budget = Budget(budget, margin_s=train.reserve_margin_s, clock=_budget_clock())
     try:
         with contextlib.ExitStack() as stack:
             if info.is_main:
@@ -197,10 +203,30 @@ def pretrain(
         dist_utils.teardown(info)
 
 
+def _budget_clock() -> Callable[[], float]:
+    """The budget's time source: time.monotonic, or one running `faults.clock_skew_s()` ahead after
+    its first reading (a rank whose clock disagrees with the others', for the multi-process tests)."""
+    skew = faults.clock_skew_s()
+    if not skew:
+        return time.monotonic
+    first: list[float] = []
+
+    def skewed() -> float:
+        now = time.monotonic()
+        if not first:
+            first.append(now)
+            return now
+        return now + skew
+
+    return skewed
+
+
 def setup(train: TrainConfig, arch: bert.ModelConfig, gpu: GpuProfile, data_dir: Path, run_dir: Path,
           info: dist_utils.DistInfo, budget: Budget, *, seed: int, resume: bool,
           config_text: str | None) -> tuple[Setup, TrainState]:
-    """Open the data, build (or restore) model, optimizer and scaler, and probe the first step."""
+    """Open the data, build model, optimizer and scaler, probe the first step, then restore a resumed
+    run's state (after the probe, so that nothing draws from the restored random states before the
+    next step)."""
     data = open_data(data_dir, train)
     manifest, seq_len = data.manifest, data.seq_len
     arch = dataclasses.replace(arch, vocab_size=int(manifest["vocab_size"]))
@@ -208,8 +234,7 @@ def setup(train: TrainConfig, arch: bert.ModelConfig, gpu: GpuProfile, data_dir:
         raise ConfigError(f"arch.max_seq_len={arch.max_seq_len} is shorter than the data's seq_len={seq_len}")
     if config_text is None:
         config_text = OmegaConf.to_yaml({"train": dataclasses.asdict(train), "arch": dataclasses.asdict(arch),
-                                         "gpu": dataclasses.asdict(gpu), "seed": seed,
-                                         "budget": str(BudgetSpec(budget.kind, budget.total)),
+                                         "gpu": dataclasses.asdict(gpu), "seed": seed, "budget": str(budget.spec),
                                          "data_dir": str(data_dir)})
     torch.manual_seed(seed + info.rank)
     random.seed(seed + info.rank)
@@ -219,11 +244,10 @@ def setup(train: TrainConfig, arch: bert.ModelConfig, gpu: GpuProfile, data_dir:
     device = info.device
     raw = bert.CrammedBertForMLM(arch).to(device)
     raw.train()
-    flag = train.decay_norms_biases_embeddings
     optimizer = build_optimizer(raw, lr=train.lr, weight_decay=train.weight_decay, betas=train.betas, eps=train.eps,
-                                device=device, fused=train.fused, decay_vectors=flag, decay_embeddings=flag)
+                                device=device, fused=train.fused, decay_vectors=train.decay_norms_biases,
+                                decay_embeddings=train.decay_embeddings)
     scaler = grad_scaler(device, gpu.precision)
-    state = restore(run_dir, raw, optimizer, scaler, budget) if resume else TrainState()
 
     model: torch.nn.Module = raw
     # Row gradients for the tied embedding pay off in eager single-process training (CPU);
@@ -232,32 +256,65 @@ def setup(train: TrainConfig, arch: bert.ModelConfig, gpu: GpuProfile, data_dir:
     if info.enabled:
         model = torch.nn.parallel.DistributedDataParallel(raw, device_ids=[device] if device.type == "cuda" else None)
     no_sync = model.no_sync if info.enabled else contextlib.nullcontext
-    micro = gpu.micro_batch_size
-    sample = probe_batch(manifest, data.masker, micro, seq_len)
+    plan = _batch_plan(train, gpu, info.world_size)
+    sample = probe_batch(manifest, data.masker, plan.micro, seq_len)
     fwd, compile_path = _probe(model, raw, sample, device, gpu.precision, gpu.compile, train.compile_fallback,
-                               micro, no_sync)
+                               plan.micro, no_sync)
+    state = restore(run_dir, raw, optimizer, scaler, budget, info.rank) if resume else TrainState()
     log.info("model: %.1fM parameters, %s path, precision %s, device %s",
              sum(p.numel() for p in raw.parameters()) / 1e6, compile_path, gpu.precision, device)
+    planned = budget.planned_accumulations(plan, seq_len)
     s = Setup(train=train, gpu=gpu, arch=arch, info=info, budget=budget, run_dir=run_dir, data_dir=data_dir,
               data=data, raw=raw, fwd=fwd, compile_path=compile_path, no_sync=no_sync, optimizer=optimizer,
-              scaler=scaler, micro=micro, target=_target_batch(train, micro, info.world_size),
+              scaler=scaler, plan=plan, planned=planned,
+              planned_layer_tokens=_planned_layer_tokens(train, arch, budget, plan, planned, seq_len),
               mfu_per_token=_mfu_per_token(arch, train, gpu, data, info), seed=seed,
-              config_text=config_text, resumed=resume, nan_steps=nan_steps())
+              config_text=config_text, resumed=resume, nan_steps=faults.nan_steps())
     return s, state
 
 
-def _target_batch(train: TrainConfig, micro: int, world_size: int) -> int:
-    """train.target_batch_size in whole micro-batches x ranks (schedules.round_target_batch), said when it differs."""
+def _batch_plan(train: TrainConfig, gpu: GpuProfile, world_size: int) -> BatchPlan:
+    """The run's batch plan: train.target_batch_size (capped by the profile's max_target_batch_size)
+    in whole micro-batches x ranks, said when it differs from what was asked."""
     wanted = train.target_batch_size
-    target = schedules.round_target_batch(wanted, micro, world_size)
-    if target > wanted:
+    if gpu.max_target_batch_size and wanted > gpu.max_target_batch_size:
+        log.info("target batch capped at %d sequences by gpu=%s (train.target_batch_size=%d; "
+                 "gpu.max_target_batch_size=null lifts the cap)", gpu.max_target_batch_size, gpu.name, wanted)
+        wanted = gpu.max_target_batch_size
+    micro = gpu.micro_batch_size
+    plan = BatchPlan.build(wanted, micro, world_size, train.ramp_fraction, train.final_batch_size,
+                           train.final_batch_fraction)
+    if plan.target > wanted:
         log.warning("train.target_batch_size=%d is less than one micro-batch per rank (%d x %d rank(s)): every step "
                     "takes %d sequences; a smaller gpu.micro_batch_size gives a smaller batch", wanted, micro,
-                    world_size, target)
-    elif target < wanted:
-        log.info("target batch: %d sequences, %d micro-batches of %d x %d rank(s) (train.target_batch_size=%d "
-                 "rounded down)", target, target // (micro * world_size), micro, world_size, wanted)
-    return target
+                    world_size, plan.target)
+    elif plan.target < wanted:
+        log.info("target batch: %d sequences, %d micro-batches of %d x %d rank(s) (%d rounded down)",
+                 plan.target, plan.target_accumulation, micro, world_size, wanted)
+    return plan
+
+
+def _keep_tokens(train: TrainConfig, progress: float, seq_len: int) -> int | None:
+    """Tokens random-LTD keeps in the middle layers at `progress`; None without random-LTD."""
+    ltd = train.random_ltd
+    if not ltd.enabled:
+        return None
+    return schedules.keep_tokens(progress, seq_len, ltd.start_keep, ltd.full_at_fraction, ltd.granularity)
+
+
+def _planned_layer_tokens(train: TrainConfig, arch: bert.ModelConfig, budget: Budget, plan: BatchPlan,
+                          planned: list[int] | None, seq_len: int) -> int | None:
+    """Layer-tokens every planned step of a token or step budget computes, summed: the total that
+    random-LTD's LayerToken LR measures its progress against (None when it does not apply)."""
+    if planned is None or not (train.random_ltd.enabled and train.random_ltd.layer_token_lr):
+        return None
+    total = tokens = 0
+    for step, accumulation in enumerate(planned):
+        sequences = plan.sequences(accumulation)
+        keep = _keep_tokens(train, budget.progress(step, tokens), seq_len)
+        total += schedules.layer_tokens(sequences, keep, seq_len, int(arch.num_layers))
+        tokens += sequences * seq_len
+    return total
 
 
 def _mfu_per_token(arch: bert.ModelConfig, train: TrainConfig, gpu: GpuProfile, data: TrainData,
@@ -336,10 +393,8 @@ def held_out(s: Setup, state: TrainState, runlog: RunLog, elapsed: float) -> flo
 def checkpoint(s: Setup, state: TrainState, elapsed: float) -> float:
     """Write a resume checkpoint at budget time `elapsed`; returns the seconds it took."""
     started = time.monotonic()
-    if s.info.is_main:
-        state.elapsed_s = elapsed
-        save(s.run_dir, s.raw, s.optimizer, s.scaler, state, s.config_text, s.train.keep_checkpoints,
-             s.info.world_size)
+    state.elapsed_s = elapsed
+    save(s.run_dir, s.raw, s.optimizer, s.scaler, state, s.config_text, s.train.keep_checkpoints, s.info)
     dist_utils.barrier(s.info)
     return time.monotonic() - started
 
@@ -358,9 +413,11 @@ def start(s: Setup, state: TrainState, runlog: RunLog) -> LastEval:
         last_eval = LastEval(state.step, held_out(s, state, runlog, s.budget.elapsed()))
         eval_cost = time.monotonic() - t0
         save_cost = checkpoint(s, state, s.budget.elapsed())
-        state.final_cost_s = eval_cost + 2 * save_cost  # checkpoint + export
+        # Ranks agree on the cost (checkpoint + export) and the time, which later intervals count from.
+        elapsed, state.final_cost_s = dist_utils.agree(s.info, [s.budget.elapsed(), eval_cost + 2 * save_cost])
         s.budget.note_final_cost(state.final_cost_s)
-        state.last_ckpt_s = state.last_eval_s = s.budget.elapsed()
+        state.last_ckpt_s = state.last_eval_s = elapsed
+        state.last_eval_progress = s.budget.progress(state.step, state.tokens, elapsed)
     if s.budget.done(state.step, state.tokens):
         log.warning(
             "the budget is spent before the first step: setup took %s and the final phase (held-out "
@@ -372,58 +429,121 @@ def start(s: Setup, state: TrainState, runlog: RunLog) -> LastEval:
 
 def _data_passes(s: Setup) -> DataPasses:
     """The pass counter over the training split; token and step budgets are checked for revisits now."""
-    passes = DataPasses(len(s.data.train), s.micro, s.info.world_size, s.seq_len, s.info.is_main)
-    planned = planned_tokens(s.budget, s.train, s.micro, s.target, s.info.world_size, s.seq_len)
-    if planned is not None:
-        passes.check(planned, f"this {s.budget.kind} budget draws")
+    passes = DataPasses(s.plan.rows_per_pass(len(s.data.train)), s.seq_len, s.info.is_main)
+    if s.planned is not None:
+        passes.check(s.plan.sequences(sum(s.planned)) * s.seq_len, f"this {s.budget.kind} budget draws")
     return passes
 
 
-def _accumulation(s: Setup, progress: float) -> int:
-    t = s.train
-    return schedules.accumulation_steps(progress, s.micro, s.target, t.ramp_fraction, s.info.world_size,
-                                        t.final_batch_size, t.final_batch_fraction)
+@dataclass
+class Clock:
+    """What the ranks agreed on before a step: every decision about the step (its size, LR, whether
+    it runs, evaluation and checkpoint before it) is taken from these, so all ranks take the same."""
+
+    elapsed: float
+    """Budget seconds: the largest of the ranks' clocks."""
+    signal: int
+    """A stop signal any rank received (0 = none)."""
+    per_micro_s: float
+    """Seconds per micro-batch (the slowest rank's smoothed estimate; 0 until measured)."""
+
+
+class Pace:
+    """Smoothed seconds per micro-batch, which sizes the last step to fit the deadline. The first
+    step of a process (loader start-up, allocator warm-up) is left out, and one slow step (a busy
+    host) moves the estimate by a fifth only."""
+
+    def __init__(self, first_step: int) -> None:
+        self.first_step = first_step
+        self.per_micro_s = 0.0
+
+    def observe(self, seconds: float, accumulation: int, step: int) -> None:
+        if step <= self.first_step + 1:
+            return
+        per_micro = seconds / accumulation
+        self.per_micro_s = per_micro if not self.per_micro_s else 0.8 * self.per_micro_s + 0.2 * per_micro
+
+
+def agree(s: Setup, signals: StopSignals, pace: Pace) -> Clock:
+    """The ranks' common view before a step (one small all-reduce): the latest clock, any signal,
+    the slowest pace and the largest final-phase cost, which each rank's budget adopts."""
+    elapsed, sig, per_micro_s, final_cost = dist_utils.agree(
+        s.info, [s.budget.elapsed(), float(signals.received or 0), pace.per_micro_s, s.budget.final_cost_s])
+    s.budget.note_final_cost(final_cost)
+    return Clock(elapsed, int(sig), per_micro_s)
 
 
 def train_steps(s: Setup, state: TrainState, batches: TrainBatches, runlog: RunLog, signals: StopSignals,
                 passes: DataPasses, last_eval: LastEval) -> Stop:
     """Optimizer steps until the budget is spent, a signal arrives or too many steps in a row are non-finite."""
-    per_micro_s = 0.0  # smoothed seconds per micro-batch: sizes the next step for the deadline check
+    pace = Pace(state.step)
     step = Step()
+    warned = s.budget.kind == "steps"  # a step budget says how many steps it wants
     while True:
-        accum = _accumulation(s, s.budget.progress(state.step, state.tokens))
-        # Ranks agree on time and on signals received by any of them.
-        elapsed, sig = dist_utils.agree(s.info, [s.budget.elapsed(), float(signals.received or 0)])
-        if sig:
-            return Stop("signal", step, int(sig))
-        # Stop when the next step would not finish before the deadline's reserve.
-        if s.budget.done(state.step, state.tokens, elapsed + per_micro_s * accum):
+        clock = agree(s, signals, pace)
+        if clock.signal:
+            return Stop("signal", step, clock.signal)
+        planned = plan_step(s, state, clock)
+        if planned is None:
+            faults.trace("stop", reason="budget", step=state.step)
             return Stop("budget", step)
-        step = plan_step(s, s.budget.progress(state.step, state.tokens, elapsed), accum)
+        if interval_duties(s, state, runlog, clock, last_eval):
+            continue  # they took time: agree again before planning the step
+        if not warned and (clock.per_micro_s or s.budget.kind == "tokens"):
+            warned = _warn_few_steps(s, state, clock)
+        step = planned
         started = time.monotonic()
         optimizer_step(s, state, batches, runlog, step)
-        # The first step (loader start-up) is left out of the smoothed time, and one slow step (a
-        # busy host) cannot end the run early.
-        per_micro = (time.monotonic() - started) / accum
-        if state.step > 1 or s.resumed:
-            per_micro_s = per_micro if not per_micro_s else 0.8 * per_micro_s + 0.2 * per_micro
+        pace.observe(time.monotonic() - started, step.accum, state.step)
+        faults.trace("step", step=state.step, accum=step.accum, micro_index=state.micro_index, tokens=state.tokens,
+                     lr=step.lr)
         if state.nonfinite_run >= s.train.max_nonfinite_steps:
             return Stop("nonfinite", step)
-        after_step(s, state, runlog, passes, step, last_eval)
+        log_step(s, state, runlog, passes, step)
 
 
-def plan_step(s: Setup, progress: float, accum: int) -> Step:
-    """The step's LR, kept tokens and batch at `progress` (random-LTD's LR may follow layer-tokens)."""
-    ltd = s.train.random_ltd
-    keep = None
-    lr_progress = progress
-    if ltd.enabled:
-        keep = schedules.keep_tokens(progress, s.seq_len, ltd.start_keep, ltd.full_at_fraction, ltd.granularity)
-        if ltd.layer_token_lr:
-            lr_progress = schedules.layer_token_progress(progress, s.seq_len, int(s.arch.num_layers), ltd.start_keep,
-                                                         ltd.full_at_fraction, ltd.granularity)
+def plan_step(s: Setup, state: TrainState, clock: Clock) -> Step | None:
+    """The next step's batch, kept tokens and LR; None when the budget has no room for another step.
+
+    The batch ramp and MSLG read the progress at the step's start; the LR the progress at its end
+    (when its update lands), so the last step's LR is at (or, for a time budget, within the
+    estimate's error of) the schedule's end. random-LTD's LayerToken LR reads the share of the
+    run's layer-tokens consumed by then, for token and step budgets; under a time budget compute
+    per second is what is constant, so the time fraction is that share.
+    """
+    b, plan = s.budget, s.plan
+    accum = b.next_accumulation(plan, state.step, state.tokens, s.seq_len, clock.elapsed, clock.per_micro_s)
+    if accum == 0:
+        return None
+    keep = _keep_tokens(s.train, b.progress(state.step, state.tokens, clock.elapsed), s.seq_len)
+    sequences = plan.sequences(accum)
+    progress = lr_progress = b.progress_after(plan, accum, state.step, state.tokens, s.seq_len, clock.elapsed,
+                                              clock.per_micro_s)
+    if s.planned_layer_tokens:
+        layers = int(s.arch.num_layers)
+        consumed = state.tokens * layers - state.layer_tokens_saved  # every layer-token computed so far
+        consumed += schedules.layer_tokens(sequences, keep, s.seq_len, layers)
+        lr_progress = min(1.0, consumed / s.planned_layer_tokens)
     lr = s.train.lr * schedules.lr_factor(lr_progress, s.train.lr_schedule, s.train.warmup_fraction)
-    return Step(progress=progress, lr=lr, accum=accum, keep=keep, sequences=accum * s.micro * s.info.world_size)
+    return Step(progress=progress, lr=lr, accum=accum, keep=keep, sequences=sequences)
+
+
+def _warn_few_steps(s: Setup, state: TrainState, clock: Clock) -> bool:
+    """Warn (once; returns True when decided) when the budget allows fewer than ~20 optimizer steps at
+    the target batch, naming the train.target_batch_size that would give ~100: the one-cycle
+    schedule needs steps to rise and fall."""
+    plan = s.plan
+    if s.budget.kind == "tokens":
+        rounds_left = (s.budget.total - state.tokens) / (plan.per_round * s.seq_len)
+    else:
+        rounds_left = (s.budget.training_end_s() - clock.elapsed) / clock.per_micro_s
+    steps = state.step + rounds_left / plan.target_accumulation
+    if steps < 20:
+        suggested = plan.per_round * max(1, int(rounds_left / 100))
+        log.warning("this %s budget allows about %.0f optimizer steps at the target batch of %d sequences: too few "
+                    "for the LR schedule to rise and fall. train.target_batch_size=%d gives about 100",
+                    s.budget.kind, steps, plan.target, suggested)
+    return True
 
 
 def optimizer_step(s: Setup, state: TrainState, batches: TrainBatches, runlog: RunLog, step: Step) -> None:
@@ -447,7 +567,7 @@ def optimizer_step(s: Setup, state: TrainState, batches: TrainBatches, runlog: R
                 loss = loss * float("nan")
         step_loss += loss.detach().float() / step.accum
         s.scaler.scale(loss / step.accum).backward()
-        fault_point("train.step")  # mid-step: gradients accumulated, optimizer not stepped
+        faults.fault_point("train.step")  # mid-step: gradients accumulated, optimizer not stepped
     state.tokens += step.sequences * s.seq_len
     if drops:
         state.layer_tokens_saved += step.sequences * max(0, int(s.arch.num_layers) - 2) * (s.seq_len - step.keep)
@@ -468,10 +588,9 @@ def optimizer_step(s: Setup, state: TrainState, batches: TrainBatches, runlog: R
     runlog.add_step(step_loss if finite else None, step.sequences * s.seq_len)
 
 
-def after_step(s: Setup, state: TrainState, runlog: RunLog, passes: DataPasses, step: Step,
-               last_eval: LastEval) -> None:
-    """A metrics record every train.log_interval steps (or log_interval_s seconds), the held-out
-    loss (kept in `last_eval`) and a checkpoint at their intervals of budget time."""
+def log_step(s: Setup, state: TrainState, runlog: RunLog, passes: DataPasses, step: Step) -> None:
+    """A metrics record every train.log_interval steps (or log_interval_s seconds), else a progress
+    bar tick. Local to each process (only the main one writes): nothing here changes what a step computes."""
     t = s.train
     elapsed = s.budget.elapsed()
     since_log = time.monotonic() - runlog.clock
@@ -483,12 +602,28 @@ def after_step(s: Setup, state: TrainState, runlog: RunLog, passes: DataPasses, 
         runlog.tick(s.budget.progress(state.step, state.tokens, elapsed), elapsed)
     if not passes.checked:
         passes.observe(s.budget, state.tokens, elapsed, logged)
-    if t.eval_interval_minutes and elapsed - state.last_eval_s >= 60 * t.eval_interval_minutes:
-        last_eval.step, last_eval.loss = state.step, held_out(s, state, runlog, elapsed)
-        state.last_eval_s = elapsed
-    if t.checkpoint_interval_minutes and elapsed - state.last_ckpt_s >= 60 * t.checkpoint_interval_minutes:
-        state.last_ckpt_s = elapsed
-        s.budget.note_final_cost(checkpoint(s, state, elapsed) * 2)
+
+
+def interval_duties(s: Setup, state: TrainState, runlog: RunLog, clock: Clock, last_eval: LastEval) -> bool:
+    """The held-out loss (kept in `last_eval`) and a checkpoint when their intervals have passed, decided
+    from the agreed clock so that every rank joins them; returns whether either ran."""
+    t = s.train
+    progress = s.budget.progress(state.step, state.tokens, clock.elapsed)
+    if t.eval_interval_minutes is not None:
+        eval_due = bool(t.eval_interval_minutes) and clock.elapsed - state.last_eval_s >= 60 * t.eval_interval_minutes
+    else:
+        eval_due = bool(t.eval_fraction) and progress - state.last_eval_progress >= t.eval_fraction - 1e-9
+    ckpt_due = bool(t.checkpoint_interval_minutes) and (
+        clock.elapsed - state.last_ckpt_s >= 60 * t.checkpoint_interval_minutes)
+    evaluates = eval_due and last_eval.step != state.step  # the same weights are not scored twice
+    if eval_due:
+        state.last_eval_s, state.last_eval_progress = clock.elapsed, progress
+    if evaluates:
+        last_eval.step, last_eval.loss = state.step, held_out(s, state, runlog, clock.elapsed)
+    if ckpt_due:
+        state.last_ckpt_s = clock.elapsed
+        s.budget.note_final_cost(checkpoint(s, state, clock.elapsed) * 2)
+    return evaluates or ckpt_due
 
 
 def finish(s: Setup, state: TrainState, runlog: RunLog, passes: DataPasses, stop: Stop, last_eval: LastEval) -> Path:
@@ -548,13 +683,6 @@ def _summary(s: Setup, state: TrainState, passes: DataPasses, final_loss: float 
 
 
 def _export(s: Setup, final: Path, summary: dict[str, Any]) -> None:
-    """Write `final` (a transformers-style folder), atomically replacing any earlier one."""
-    from cramming.model import export
-
-    tmp = s.run_dir / f".final.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    export.save_pretrained(s.raw, tmp, s.data_dir / s.data.manifest["tokenizer"],
-                           extra_config={"cramming_training": {**summary, "train": dataclasses.asdict(s.train)}})
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    """Write `final` (a transformers-style folder; save_pretrained replaces an earlier one atomically)."""
+    save_pretrained(s.raw, final, s.data_dir / s.data.manifest["tokenizer"],
+                    extra_config={"cramming_training": {**summary, "train": dataclasses.asdict(s.train)}})

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from cramming.config import config_hash, parse_budget, resolve_paths, to_dataclass
+from cramming.config import BudgetSpec, config_hash, parse_budget, resolve_paths, to_dataclass
 from cramming.errors import CrammingError
 from cramming.gpu import GpuProfile, resolve_gpu
 from cramming.model.bert import ModelConfig
@@ -38,6 +38,10 @@ class PretrainJob:
     train: TrainConfig
     arch: ModelConfig
     gpu: GpuProfile
+    budget: BudgetSpec
+    """The parsed top-level `budget`."""
+    seed: int
+    """The run's one seed (init, data order, masks)."""
     config_text: str
     """The resolved config as YAML, saved in every checkpoint (resume reads it back)."""
 
@@ -64,7 +68,7 @@ def load_job(cfg: DictConfig) -> PretrainJob:
         resume = False
     return PretrainJob(cfg=cfg, run_dir=run_dir, resume=resume, train=to_dataclass(TrainConfig, cfg.train, "train"),
                        arch=to_dataclass(ModelConfig, cfg.arch, "arch"), gpu=resolve_gpu(cfg.gpu),
-                       config_text=OmegaConf.to_yaml(cfg, resolve=True))
+                       budget=parse_budget(cfg.budget), seed=int(cfg.seed), config_text=OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def upgrade_saved_config(saved: DictConfig) -> DictConfig:
@@ -74,7 +78,9 @@ def upgrade_saved_config(saved: DictConfig) -> DictConfig:
     budget=300steps; a time budget was the top-level one already), and gpu.target_batch_size fills
     a train.target_batch_size left null (which meant the profile's). A null in both (gpu=auto) takes
     the recipe's default, 4096, which every GPU profile's target rounds to (the cpu profile's was
-    256). Changes `saved` in place and returns it."""
+    256). The one flag train.decay_norms_biases_embeddings becomes train.decay_embeddings and
+    train.decay_norms_biases with its value (runs saved before those keys exempted the embeddings),
+    and a train.seed that was set becomes the top-level `seed`. Changes `saved` in place and returns it."""
     train, gpu = saved.get("train"), saved.get("gpu")
     if train is None:
         return saved
@@ -89,6 +95,13 @@ def upgrade_saved_config(saved: DictConfig) -> DictConfig:
             train.target_batch_size = profile_target
     if "target_batch_size" in train and train.target_batch_size is None:
         del train["target_batch_size"]
+    if "decay_embeddings" not in train:  # one flag exempted both; every saved run exempted embeddings
+        exempt_all = bool(train.pop("decay_norms_biases_embeddings", False))
+        train.decay_embeddings = train.decay_norms_biases = exempt_all
+    if "seed" in train:
+        train_seed = train.pop("seed")
+        if train_seed is not None:
+            saved.seed = train_seed
     return saved
 
 
@@ -98,8 +111,8 @@ def run(job: PretrainJob, data_dir: Path) -> None:
     log.info("pretraining %s/%s (config %s) into %s", cfg.arch.get("name"), job.train.name, config_hash(cfg),
              job.run_dir)
     try:
-        final = pretrain(job.train, job.arch, job.gpu, data_dir, job.run_dir, budget=parse_budget(cfg.budget),
-                         seed=int(cfg.seed), resume=job.resume, config_text=job.config_text)
+        final = pretrain(job.train, job.arch, job.gpu, data_dir, job.run_dir, budget=job.budget, seed=job.seed,
+                         resume=job.resume, config_text=job.config_text)
     except Interrupted as stop:
         print(f"cram pretrain: {stop}", file=sys.stderr)
         raise SystemExit(stop.exit_code) from None

@@ -36,6 +36,7 @@ def main(argv: list[str]) -> int:
             print("prepared", prepare(DataConfig(**payload["data"]), payload["data_root"]), flush=True)
             return 0
         if command == "pretrain":
+            from cramming.config import parse_budget
             from cramming.gpu import GpuProfile
             from cramming.model.bert import ModelConfig
             from cramming.train.config import TrainConfig
@@ -44,7 +45,7 @@ def main(argv: list[str]) -> int:
             try:
                 final = pretrain(TrainConfig(**payload["train"]), ModelConfig(**{**TINY_ARCH, **payload.get("arch", {})}),
                                  GpuProfile(**TINY_GPU), payload["data_dir"], payload["run_dir"],
-                                 budget=payload.get("budget", "1h"), resume=bool(payload.get("resume")))
+                                 budget=parse_budget(payload.get("budget", "1h")), resume=bool(payload.get("resume")))
             except Interrupted as stop:
                 print(f"worker: {stop}", flush=True)
                 return stop.exit_code

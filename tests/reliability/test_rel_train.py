@@ -26,6 +26,7 @@ from conftest import (
 )
 from omegaconf import OmegaConf
 
+from cramming.config import parse_budget
 from cramming.errors import CheckpointError, CrammingError
 from cramming.gpu import GpuProfile
 from cramming.model.bert import ModelConfig
@@ -45,7 +46,7 @@ def train_cfg(**kw) -> dict:
 
 def run_inproc(run_dir: Path, data_dir: Path, resume: bool = False, budget: str = f"{STEPS}steps", **kw) -> Path:
     return pretrain(TrainConfig(**train_cfg(**kw)), ModelConfig(**TINY_ARCH), GpuProfile(**TINY_GPU), data_dir, run_dir,
-                    budget=budget, resume=resume)
+                    budget=parse_budget(budget), resume=resume)
 
 
 def records(run_dir: Path) -> list[dict]:
