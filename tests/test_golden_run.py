@@ -5,6 +5,10 @@ at commit b181fad plus the reproducible tokenizer training of cramming/data/toke
 it, each fresh `prepare` could train a different vocabulary, so this run was not reproducible).
 A change that alters any per-step loss, LR or batch size of this run changes training behaviour; if
 that is intended, re-record it with `python tests/test_golden_run.py --record` and say why in the commit.
+
+Re-recorded for issue 25: a step's LR is read at the progress where the step ends (step 1 of 12 at
+1/12, the last at 12/12 = LR 0), and the recipe decays the embedding table; the first step's loss,
+every batch size and token count were unchanged when it was re-recorded.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ def _run(tmp: Path) -> list[dict]:
                               vocab_size=400, seq_len=32, val_fraction=0.05, compression_threshold=1.0), tmp / "data")
     arch = ModelConfig(name="golden", hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_seq_len=32)
     train = TrainConfig(target_batch_size=32, log_interval=1, eval_batches=2, checkpoint_interval_minutes=0.0,
-                        reserve_margin_s=0.0)
+                        reserve_margin_s=0.0, eval_fraction=0.0)
     gpu = GpuProfile(name="cpu", micro_batch_size=8, num_workers=0)
     pretrain(train, arch, gpu, data, tmp / "run", budget=parse_budget(f"{STEPS}steps"), seed=0)
     recs = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]

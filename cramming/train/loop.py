@@ -143,6 +143,8 @@ class LastEval:
     """The step it was taken at; None before the first one (e.g. in a resumed run)."""
     loss: float | None = None
     """Its loss; None on ranks other than the main one."""
+    cost_s: float = 0.0
+    """Seconds it took (0 when not measured by this process)."""
 
 
 @dataclass
@@ -411,7 +413,7 @@ def start(s: Setup, state: TrainState, runlog: RunLog) -> LastEval:
     if not s.resumed:
         t0 = time.monotonic()
         last_eval = LastEval(state.step, held_out(s, state, runlog, s.budget.elapsed()))
-        eval_cost = time.monotonic() - t0
+        last_eval.cost_s = eval_cost = time.monotonic() - t0
         save_cost = checkpoint(s, state, s.budget.elapsed())
         # Ranks agree on the cost (checkpoint + export) and the time, which later intervals count from.
         elapsed, state.final_cost_s = dist_utils.agree(s.info, [s.budget.elapsed(), eval_cost + 2 * save_cost])
@@ -446,16 +448,19 @@ class Clock:
     """A stop signal any rank received (0 = none)."""
     per_micro_s: float
     """Seconds per micro-batch (the slowest rank's smoothed estimate; 0 until measured)."""
+    eval_s: float
+    """Seconds the latest held-out evaluation took (the slowest rank's; 0 until measured)."""
 
 
 class Pace:
-    """Smoothed seconds per micro-batch, which sizes the last step to fit the deadline. The first
-    step of a process (loader start-up, allocator warm-up) is left out, and one slow step (a busy
-    host) moves the estimate by a fifth only."""
+    """Smoothed seconds per micro-batch, which sizes the last step to fit the deadline, and the cost
+    of the latest held-out evaluation. The first step of a process (loader start-up, allocator
+    warm-up) is left out, and one slow step (a busy host) moves the estimate by a fifth only."""
 
-    def __init__(self, first_step: int) -> None:
+    def __init__(self, first_step: int, eval_s: float = 0.0) -> None:
         self.first_step = first_step
         self.per_micro_s = 0.0
+        self.eval_s = eval_s
 
     def observe(self, seconds: float, accumulation: int, step: int) -> None:
         if step <= self.first_step + 1:
@@ -467,16 +472,17 @@ class Pace:
 def agree(s: Setup, signals: StopSignals, pace: Pace) -> Clock:
     """The ranks' common view before a step (one small all-reduce): the latest clock, any signal,
     the slowest pace and the largest final-phase cost, which each rank's budget adopts."""
-    elapsed, sig, per_micro_s, final_cost = dist_utils.agree(
-        s.info, [s.budget.elapsed(), float(signals.received or 0), pace.per_micro_s, s.budget.final_cost_s])
+    elapsed, sig, per_micro_s, final_cost, eval_s = dist_utils.agree(
+        s.info, [s.budget.elapsed(), float(signals.received or 0), pace.per_micro_s, s.budget.final_cost_s,
+                 pace.eval_s])
     s.budget.note_final_cost(final_cost)
-    return Clock(elapsed, int(sig), per_micro_s)
+    return Clock(elapsed, int(sig), per_micro_s, eval_s)
 
 
 def train_steps(s: Setup, state: TrainState, batches: TrainBatches, runlog: RunLog, signals: StopSignals,
                 passes: DataPasses, last_eval: LastEval) -> Stop:
     """Optimizer steps until the budget is spent, a signal arrives or too many steps in a row are non-finite."""
-    pace = Pace(state.step)
+    pace = Pace(state.step, last_eval.cost_s)
     step = Step()
     warned = s.budget.kind == "steps"  # a step budget says how many steps it wants
     while True:
@@ -487,10 +493,10 @@ def train_steps(s: Setup, state: TrainState, batches: TrainBatches, runlog: RunL
         if planned is None:
             faults.trace("stop", reason="budget", step=state.step)
             return Stop("budget", step)
-        if interval_duties(s, state, runlog, clock, last_eval):
+        if interval_duties(s, state, runlog, clock, last_eval, pace):
             continue  # they took time: agree again before planning the step
-        if not warned and (clock.per_micro_s or s.budget.kind == "tokens"):
-            warned = _warn_few_steps(s, state, clock)
+        if not warned and (s.budget.kind == "tokens" or (clock.per_micro_s and step.progress >= 0.1)):
+            warned = _warn_few_steps(s, state, clock)  # a time budget: from the pace of the first 10%
         step = planned
         started = time.monotonic()
         optimizer_step(s, state, batches, runlog, step)
@@ -604,22 +610,29 @@ def log_step(s: Setup, state: TrainState, runlog: RunLog, passes: DataPasses, st
         passes.observe(s.budget, state.tokens, elapsed, logged)
 
 
-def interval_duties(s: Setup, state: TrainState, runlog: RunLog, clock: Clock, last_eval: LastEval) -> bool:
+def interval_duties(s: Setup, state: TrainState, runlog: RunLog, clock: Clock, last_eval: LastEval,
+                    pace: Pace) -> bool:
     """The held-out loss (kept in `last_eval`) and a checkpoint when their intervals have passed, decided
     from the agreed clock so that every rank joins them; returns whether either ran."""
     t = s.train
     progress = s.budget.progress(state.step, state.tokens, clock.elapsed)
+    since_eval = clock.elapsed - state.last_eval_s
     if t.eval_interval_minutes is not None:
-        eval_due = bool(t.eval_interval_minutes) and clock.elapsed - state.last_eval_s >= 60 * t.eval_interval_minutes
+        eval_due = bool(t.eval_interval_minutes) and since_eval >= 60 * t.eval_interval_minutes
     else:
-        eval_due = bool(t.eval_fraction) and progress - state.last_eval_progress >= t.eval_fraction - 1e-9
+        # Every eval_fraction of the run; under a time budget evaluation may take at most a tenth of
+        # the time (short CPU runs, where 20 evaluations would cost more than the training between them).
+        cheap = s.budget.kind != "time" or since_eval >= 10 * clock.eval_s
+        eval_due = bool(t.eval_fraction) and progress - state.last_eval_progress >= t.eval_fraction - 1e-9 and cheap
     ckpt_due = bool(t.checkpoint_interval_minutes) and (
         clock.elapsed - state.last_ckpt_s >= 60 * t.checkpoint_interval_minutes)
     evaluates = eval_due and last_eval.step != state.step  # the same weights are not scored twice
     if eval_due:
         state.last_eval_s, state.last_eval_progress = clock.elapsed, progress
     if evaluates:
+        started = time.monotonic()
         last_eval.step, last_eval.loss = state.step, held_out(s, state, runlog, clock.elapsed)
+        pace.eval_s = time.monotonic() - started
     if ckpt_due:
         state.last_ckpt_s = clock.elapsed
         s.budget.note_final_cost(checkpoint(s, state, clock.elapsed) * 2)
