@@ -107,7 +107,7 @@ def test_auto_profile_detection(monkeypatch, device_name, bf16, memory_gb, expec
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: device_name)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i=0: Props())
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bf16)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16)
     assert gpu.detect_profile_name() == expected
 
 

@@ -169,6 +169,46 @@ def test_cpu_profile_caps_the_target_batch(caplog) -> None:
     assert _batch_plan(TrainConfig(target_batch_size=64), cpu, 1).target == 64
 
 
+def test_a_stopped_and_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(data_dir, tmp_path, monkeypatch) -> None:
+    # Dropout on, a ramp and a step budget: the resumed run must continue the same data, masks,
+    # optimizer state and random stream (restored after the probe step, which draws from it).
+    from safetensors.torch import load_file
+
+    from cramming.train import loop
+
+    cfg = train_cfg(ramp_fraction=0.5)
+    arch = dataclasses.replace(tiny_arch(), dropout=0.1)
+    pretrain(cfg, arch, GPU, data_dir, tmp_path / "whole", budget=parse_budget("6steps"))
+
+    class SignalAfterThreeSteps(loop.StopSignals):
+        """A SIGTERM that arrives once three steps are done (the flag is read at each step boundary)."""
+
+        @property
+        def received(self) -> int | None:
+            return signal.SIGTERM if len(records_so_far()) >= 3 else None
+
+        @received.setter
+        def received(self, value: int | None) -> None:
+            pass
+
+    def records_so_far() -> list:
+        path = tmp_path / "cut" / "metrics.jsonl"
+        return [r for r in records(tmp_path / "cut") if r.get("event") != "eval"] if path.exists() else []
+
+    monkeypatch.setattr(loop, "StopSignals", SignalAfterThreeSteps)
+    with pytest.raises(Interrupted):
+        pretrain(train_cfg(ramp_fraction=0.5, log_interval=1), arch, GPU, data_dir, tmp_path / "cut",
+                 budget=parse_budget("6steps"))
+    monkeypatch.undo()
+    assert latest_checkpoint(tmp_path / "cut").name == "step-00000003"
+    pretrain(cfg, arch, GPU, data_dir, tmp_path / "cut", budget=parse_budget("6steps"), resume=True)
+    whole = load_file(tmp_path / "whole" / "final" / "model.safetensors")
+    resumed = load_file(tmp_path / "cut" / "final" / "model.safetensors")
+    assert whole.keys() == resumed.keys()
+    for key in whole:
+        torch.testing.assert_close(resumed[key], whole[key], rtol=0, atol=1e-6, msg=key)
+
+
 def test_target_batch_is_rounded_down_to_whole_micro_batches(data_dir, tmp_path, caplog) -> None:
     with caplog.at_level("INFO", logger="cramming.train"):
         pretrain(train_cfg(target_batch_size=56, ramp_fraction=0.0, log_interval=1), tiny_arch(), GPU, data_dir,

@@ -379,8 +379,11 @@ def build_loader(dataset: PackedDataset, micro_batch_size: int, masker: Any, *, 
     if start_batch < 0:
         raise ValueError(f"start_batch must be >= 0, got {start_batch}")
     batches = _MicroBatches(dataset, micro_batch_size, masker, shuffle, seed, rank, world_size)
+    # Its own generator: a loader would otherwise draw its workers' base seed from the global RNG,
+    # shifting the training's random stream (dropout, random-LTD) by whether a loader was opened,
+    # which a resumed run does at other moments than an uninterrupted one.
     loader = torch.utils.data.DataLoader(
         batches, batch_size=None, sampler=_CountFrom(start_batch), num_workers=num_workers,
-        pin_memory=pin_memory, persistent_workers=num_workers > 0,
+        pin_memory=pin_memory, persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed),
     )
     return iter(loader)

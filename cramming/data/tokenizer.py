@@ -38,7 +38,9 @@ def _model_and_trainer(kind: TokenizerKind, vocab_size: int, min_frequency: int)
     elif kind == "bpe":
         tok = Tokenizer(models.BPE(unk_token=unk, continuing_subword_prefix="##"))
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        tok.decoder = decoders.BPEDecoder(suffix="")
+        # The pieces are WordPiece-style (a word's first piece bare, the others "##"-prefixed), so
+        # they decode like WordPiece: BPEDecoder would keep the "##" and space every piece.
+        tok.decoder = decoders.WordPiece(prefix="##")
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials, continuing_subword_prefix="##"
         )
@@ -94,6 +96,8 @@ def train_tokenizer(
     tok.train_from_iterator(corpus(), trainer=trainer, length=length)
     if prefix:
         tok = _without_added_tokens_beyond_specials(tok)
+    if kind == "unigram":
+        tok = _canonical_unigram(tok)
     tok.normalizer = normalizer
     got = tok.get_vocab_size()
     if got == len(SPECIAL_TOKENS) or got == 0:
@@ -155,6 +159,53 @@ def _without_added_tokens_beyond_specials(tok: Tokenizer) -> Tokenizer:
     data = json.loads(tok.to_str())
     data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] in SPECIAL_TOKENS.values()]
     return Tokenizer.from_str(json.dumps(data))
+
+
+# The score step of tokenizers' UnigramTrainer between the corpus characters it adds back after training.
+_ADDED_CHAR_STEP = 0.0001
+# Decimals kept of a unigram score: the trainer's sums differ in their last digits from one process
+# to the next (by about 1e-14 on 200 KB of text, more on more text), and a millionth of a log
+# probability changes no segmentation worth having. Two processes' values can still fall on either
+# side of a rounding boundary, only rarely.
+_SCORE_DECIMALS = 6
+
+
+def _canonical_unigram(tok: Tokenizer) -> Tokenizer:
+    """The trained unigram tokenizer with its pieces in one order: by score, ties by the piece.
+
+    Why: tokenizers' UnigramTrainer (0.23) iterates hash maps and sets seeded afresh in every
+    process (Rust's, not Python's: PYTHONHASHSEED does not matter), so the same corpus gives the
+    same pieces with other ids: equal scores keep the order of a hash set, the characters training
+    dropped get made-up scores handed out in that order (see `_added_chars_in_order`), and the
+    EM sums run over the words in hash order, so scores differ in their last digits.
+    """
+    data = json.loads(tok.to_str())
+    vocab = data["model"]["vocab"]
+    specials, pieces = vocab[: len(SPECIAL_TOKENS)], _added_chars_in_order(vocab[len(SPECIAL_TOKENS):])
+    pieces = [[piece, round(score, _SCORE_DECIMALS)] for piece, score in pieces]
+    data["model"]["vocab"] = specials + sorted(pieces, key=lambda ps: (-ps[1], ps[0]))
+    return Tokenizer.from_str(json.dumps(data))
+
+
+def _added_chars_in_order(pieces: list[list]) -> list[list]:
+    """`pieces` ([piece, score]) with the trainer's made-up character scores given in character order.
+
+    The trainer adds back every corpus character that training dropped, with the scores lowest,
+    lowest + step, lowest + 2 step, ... (lowest: the lowest score of the model) in hash-set order.
+    Those rungs are found again from the lowest score and handed out to the same characters sorted.
+    """
+    lowest = min(score for _, score in pieces)
+    chars = {i: score for i, (piece, score) in enumerate(pieces) if len(piece) == 1}
+    rungs, penalty = set(), 0.0
+    while lowest + penalty in chars.values():  # the trainer's own float arithmetic, rung by rung
+        rungs.add(lowest + penalty)
+        penalty += _ADDED_CHAR_STEP
+    on_rungs = sorted((i for i, score in chars.items() if score in rungs), key=lambda i: pieces[i][0])
+    scores = sorted(pieces[i][1] for i in on_rungs)
+    out = [list(p) for p in pieces]
+    for i, score in zip(on_rungs, scores, strict=True):
+        out[i][1] = score
+    return out
 
 
 def _round_down_pow2(n: int) -> int:
