@@ -39,7 +39,7 @@ from typing import Any, get_args
 import torch
 
 from cramming.benchtools import add_arch_options, add_out_option, arch_config, cpu_name, write_json_report
-from cramming.gpu import Precision, load_profile, match_profile
+from cramming.gpu import Fixes, GpuProfile, Precision, load_profile, match_profile, require_runnable
 from cramming.model.bert import CrammedBertForMLM, ModelConfig, count_parameters, training_flops_per_sequence
 
 BASELINE = "BertForMaskedLM (sdpa)"
@@ -247,28 +247,52 @@ def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
+# What `cram bench model` users type instead when this machine cannot run what they asked for.
+BENCH_FIXES = Fixes(
+    cpu="--device cpu (the default without CUDA), without --emulate or --memory-fraction",
+    no_bf16="--precision fp16 (or --emulate a profile without bf16, e.g. --emulate rtx2080ti)",
+)
+
+
+def _caps_memory(args: argparse.Namespace) -> bool:
+    return bool(args.emulate) or args.memory_fraction is not None
+
+
+def _checked_profile(args: argparse.Namespace, device: torch.device) -> GpuProfile:
+    """What the benchmark will run, as a profile for gpu.require_runnable: capping GPU memory
+    (--emulate, --memory-fraction) needs CUDA even where --device defaulted to cpu."""
+    return GpuProfile(name="bench", device="cuda" if _caps_memory(args) else device.type, precision=args.precision)
+
+
+def _asked(args: argparse.Namespace) -> str:
+    """The flags that asked for CUDA, as the error message quotes them."""
+    if args.emulate:
+        return f"--emulate {args.emulate}"
+    if args.memory_fraction is not None:
+        return "--memory-fraction"
+    return f"--device {args.device} --precision {args.precision}"
+
+
 def bench_model(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda but no CUDA device is visible")
+    emulate = load_profile(args.emulate) if args.emulate else None
+    if emulate is not None:
+        args.precision = emulate.precision  # before the check: the emulated card's precision must run here
+    require_runnable(_checked_profile(args, device), _asked(args), BENCH_FIXES)
+    if _caps_memory(args) and device.type != "cuda":
+        raise SystemExit("--emulate and --memory-fraction cap GPU memory: they need --device cuda")
     if device.type == "cpu":
         torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
-    if args.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise SystemExit("this GPU has no bf16; use --precision fp16")
 
     emulated = None
-    if args.emulate:
-        profile = load_profile(args.emulate)
-        if profile.memory_gb is None:
+    if emulate is not None:
+        if emulate.memory_gb is None:
             raise SystemExit(f"--emulate needs a GPU profile with memory_gb; {args.emulate!r} has none")
-        args.batch_size = args.batch_size or profile.micro_batch_size
-        args.precision = profile.precision
+        args.batch_size = args.batch_size or emulate.micro_batch_size
         total = torch.cuda.get_device_properties(device).total_memory
-        args.memory_fraction = min(1.0, profile.memory_gb * 1e9 / total)
-        emulated = profile.name
+        args.memory_fraction = min(1.0, emulate.memory_gb * 1e9 / total)
+        emulated = emulate.name
     if args.memory_fraction is not None:
-        if device.type != "cuda":
-            raise SystemExit("--memory-fraction needs --device cuda")
         torch.cuda.set_per_process_memory_fraction(args.memory_fraction, torch.cuda.current_device())
     args.batch_size = args.batch_size or 16
 

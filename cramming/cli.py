@@ -2,8 +2,8 @@
 
 `data`, `pretrain` and `glue` are Hydra applications over one primary config
 (`configs/config.yaml`): overrides, `-m` sweeps, `--cfg job`, `--help` and per-run output
-folders work as Hydra users expect. `report`, `bench` and `experiment` take paths and flags, so
-they use argparse. STAGES below is the whole map from a stage's name to the code that runs it.
+folders work as Hydra users expect. `report`, `bench`, `experiment` and `push` take paths and flags,
+so they use argparse. STAGES below is the whole map from a stage's name to the code that runs it.
 """
 
 from __future__ import annotations
@@ -58,6 +58,12 @@ def _experiment(argv: list[str]) -> int:
     return main(argv)
 
 
+def _push(argv: list[str]) -> int:
+    from cramming.hub import main
+
+    return main(argv)
+
+
 @dataclass(frozen=True)
 class Stage:
     entry: Callable[[Any], Any]
@@ -73,6 +79,7 @@ STAGES: dict[str, Stage] = {
     "report": Stage(_report, False, "tables and plots for one or more run folders"),
     "bench": Stage(_bench, False, "throughput, memory and MFU benchmarks against transformers' BERT"),
     "experiment": Stage(_experiment, False, "a paper's ablation or sweep: pretrain each point, GLUE, one report"),
+    "push": Stage(_push, False, "upload an export (and its run's checkpoints) to a Hugging Face Hub repository"),
 }
 
 USAGE = """usage: cram <stage> [options]

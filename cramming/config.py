@@ -147,6 +147,7 @@ MOVED_KEYS = {
     "train.decay_norms_biases_embeddings": "it is two keys now: train.decay_embeddings (true in the recipes) and "
                                            "train.decay_norms_biases (false)",
     "train.seed": "the seed is the top-level `seed` only: seed=<N>",
+    "train.tensorboard": "use train.report_to=[tensorboard] (the trackers: tensorboard, wandb, mlflow)",
 }
 
 

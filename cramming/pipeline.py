@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from cramming.config import format_duration, to_dataclass
 from cramming.errors import DataError
+from cramming.gpu import require_runnable
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,10 @@ def data_dir(cfg: DictConfig, prepare_data: bool) -> Path:
 
 
 def pretrain(cfg: DictConfig) -> None:
-    """`cram pretrain`: validate the job (or the run to resume), find or prepare its data, train."""
+    """`cram pretrain`: validate the job (or the run to resume) and that this machine can run its GPU
+    profile, find or prepare its data, train."""
     from cramming.train import trainer
 
     job = trainer.load_job(cfg)
+    require_runnable(job.gpu)  # before data preparation, which can take hours
     trainer.run(job, data_dir(job.cfg, job.train.prepare_data))

@@ -17,7 +17,8 @@ comparison. Writes `report.md` and PNGs into `--out` (default: the run folder fo
 fields that are missing are shown as "n/a", a run still in progress (no summary yet) is
 reported from its metrics. Folders that are not runs raise `ReportError`.
 
-The report renders every table of a run, `results.md` of a GLUE run included (`write_glue_tables`).
+The report renders every table of a run, `results.md` of a GLUE run included (`write_glue_tables`),
+and with `--card` a GLUE run's table into the model card of the export it finetuned (`write_card_glue`).
 """
 
 from __future__ import annotations
@@ -34,7 +35,16 @@ from typing import Any
 from cramming import runs as run_files
 from cramming.errors import CrammingError
 from cramming.fileio import write_atomic
-from cramming.runs import GLUE_COLUMNS, GLUE_TRAIN_ROWS, finite_float, glue_columns
+from cramming.runs import (
+    GLUE_COLUMNS,
+    GLUE_TRAIN_ROWS,
+    FinetunedModel,
+    RunFormatError,
+    TokenizerRecord,
+    finite_float,
+    glue_columns,
+)
+from cramming.runs import time_axis as _time_axis
 
 # Key values shown per config group (others are in the full config at the end of the report).
 KEY_FIELDS = {
@@ -336,52 +346,9 @@ def config_differences(runs: list[Run]) -> dict[str, list[Any]]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Plots (Agg canvas only: no display, no global pyplot state)
+# Plots (Agg canvas only: no display, no global pyplot state). The loss plot is cramming.runs'
+# plot_loss, the one the trainer draws into loss.png.
 # --------------------------------------------------------------------------------------------------
-
-
-def _figure(rows: int = 1, height: float = 4.0):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(8, height * rows))
-    FigureCanvasAgg(fig)
-    axes = [fig.add_subplot(rows, 1, i + 1) for i in range(rows)]
-    return fig, axes
-
-
-def _time_axis(runs: list[PretrainRun]) -> tuple[float, str]:
-    longest = max((finite_float(r.get("elapsed_s")) or 0.0 for p in runs for r in [*p.records, *p.evals]), default=0.0)
-    if longest > 3 * 3600:
-        return 3600.0, "hours"
-    # Runs of a few minutes (the demo, tests) read best in seconds: a 0-2 minute axis is too coarse.
-    return (60.0, "minutes") if longest > 600 else (1.0, "seconds")
-
-
-def plot_loss(runs: list[tuple[str, PretrainRun]], path: Path) -> Path | None:
-    """Training MLM loss (lines) and held-out loss (markers) against wall-clock time; None if no data."""
-    series = [(label, run) for label, run in runs if any(finite_float(r.get("loss")) is not None for r in run.records)]
-    if not series:
-        return None
-    scale, unit = _time_axis([run for _, run in series])
-    fig, (ax,) = _figure()
-    for label, run in series:
-        pts = [(r["elapsed_s"] / scale, r["loss"]) for r in run.records
-               if finite_float(r.get("elapsed_s")) is not None and finite_float(r.get("loss")) is not None]
-        line, = ax.plot(*zip(*pts, strict=True), label=f"{label} (train)" if len(series) > 1 else "train MLM loss")
-        evals = [(r["elapsed_s"] / scale, r["val_loss"]) for r in run.evals
-                 if finite_float(r.get("elapsed_s")) is not None and finite_float(r.get("val_loss")) is not None]
-        if evals:
-            ax.plot(*zip(*evals, strict=True), "o--", color=line.get_color(),
-                    label=f"{label} (held-out)" if len(series) > 1 else "held-out MLM loss")
-    ax.set_xlabel(f"wall-clock {unit}")
-    ax.set_ylabel("MLM loss")
-    ax.set_title("MLM loss vs. time")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return path
 
 
 def plot_schedule(runs: list[tuple[str, PretrainRun]], path: Path) -> Path | None:
@@ -390,11 +357,10 @@ def plot_schedule(runs: list[tuple[str, PretrainRun]], path: Path) -> Path | Non
     if not series:
         return None
     scale, unit = _time_axis([run for _, run in series])
-    fig, (ax_lr, ax_bs) = _figure(rows=2, height=3.0)
+    fig, (ax_lr, ax_bs) = run_files.new_figure(rows=2, height=3.0)
     for label, run in series:
         for ax, key in ((ax_lr, "lr"), (ax_bs, "batch_size")):
-            pts = [(r["elapsed_s"] / scale, r[key]) for r in run.records
-                   if finite_float(r.get("elapsed_s")) is not None and finite_float(r.get(key)) is not None]
+            pts = run_files.time_series(run.records, key, scale)
             if pts:
                 ax.plot(*zip(*pts, strict=True), label=label)
     ax_lr.set_ylabel("learning rate")
@@ -443,7 +409,7 @@ def _pretrain_section(run: PretrainRun) -> list[str]:
                     [[fmt_int(st["steps"]), fmt_tokens(st["tokens_seen"]), fmt_float(st["epochs"], 2),
                       fmt_int(st["tokens_per_s"]), fmt_mfu(st["mfu"], st["device"]), fmt_float(st["final_loss"]),
                       fmt_float(st["val_loss"]), fmt_int(st["skipped_steps"])]], align_right=set(range(8)))
-    lines.append("")
+    lines += ["", *_data_passes(run.records)]
     first = next((r["loss"] for r in run.records if finite_float(r.get("loss")) is not None), None)
     if first is not None and st["final_loss"] is not None:
         lines.append(f"Training loss went from {fmt_float(first)} (first log step) to {fmt_float(st['final_loss'])}.")
@@ -454,6 +420,32 @@ def _pretrain_section(run: PretrainRun) -> list[str]:
         lines.append(f"{run.bad_lines} line(s) of {run_files.METRICS_FILE} were not JSON and were skipped.")
     lines.append(f"Exported model: `{run.path / 'final'}`" if run.exported else "No exported model in `final/`.")
     return lines + [""]
+
+
+# A log of hundreds of passes (a long budget on a small split) would bury the report in rows.
+MAX_PASS_ROWS = 10
+
+
+def _data_passes(records: list[dict[str, Any]]) -> list[str]:
+    """Where each new pass over the training split started, or that there was one: in the recipe's
+    prevalence-sorted order (train.shuffle false) a revisit starts over at the easiest rows, which
+    shows in the loss curve."""
+    epochs = _last(records, "epochs")
+    if finite_float(epochs) is None:
+        return ["Data passes: not recorded (this metrics log predates the `epochs` field).", ""]
+    starts = run_files.pass_starts(records)
+    if not starts:
+        return [f"Data passes: one pass, not revisited ({epochs:.2f} of the training split read by the last "
+                "log record).", ""]
+    lines = [f"Data passes: {len(starts)} new pass(es) over the training split ({epochs:.2f} passes by the last "
+             "log record), so rows were revisited. Each new pass starts at a dotted line in the loss plot; its "
+             "step and time are interpolated between log records.", ""]
+    rows = [[f"pass {s.number}", fmt_int(s.step), fmt_tokens(s.tokens_seen), fmt_duration(s.elapsed_s)]
+            for s in starts[:MAX_PASS_ROWS]]
+    if len(starts) > MAX_PASS_ROWS:
+        rows.append([f"({len(starts) - MAX_PASS_ROWS} more)", "", "", ""])
+    table = _table(["data pass", "starts at step", "tokens seen", "elapsed"], rows, align_right={1, 2, 3})
+    return lines + table + [""]
 
 
 def _glue_table(entries: list[tuple[str, dict[str, Any]]]) -> list[str]:
@@ -475,6 +467,38 @@ def _glue_table(entries: list[tuple[str, dict[str, Any]]]) -> list[str]:
               "columns (MNLI-m and MNLI-mm both counted). Rows marked *published* are copied from the Cramming "
               "paper as summarised in the project's RECIPE.md, not re-measured; blank = not run or not published."]
     return lines + [f"- {n}" for n in notes] + [""]
+
+
+def _finetuned(results: dict[str, Any]) -> tuple[FinetunedModel | None, TokenizerRecord | None]:
+    """The model and tokenizer records of a GLUE run; None for what its file lacks (hand-made or older files)."""
+    records: list[Any] = []
+    for key, record in (("checkpoint", FinetunedModel), ("tokenizer", TokenizerRecord)):
+        try:
+            records.append(record.from_json(results[key]) if results.get(key) else None)
+        except RunFormatError:
+            records.append(None)
+    return records[0], records[1]
+
+
+def _protocol(cfg: dict[str, Any]) -> str:
+    return (f"glue={cfg.get('name', NA)}: batch {cfg.get('batch_size', NA)}, lr {_fmt_g(cfg.get('lr'))}, "
+            f"{cfg.get('schedule', NA)}, {cfg.get('epochs', NA)} epochs")
+
+
+def _glue_models(entries: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    """What each row of a GLUE comparison finetuned, and under which protocol: a row's scores say
+    something about a recipe only beside these."""
+    rows = []
+    for label, results in entries:
+        model, tokenizer = _finetuned(results)
+        cfg = results.get("config") or {}
+        where = NA if model is None else f"`{model.path}`" + (f" @ {model.revision[:12]}" if model.revision else "")
+        rows.append([f"measured: {label}", where, (model and model.format) or NA, (model and model.model_type) or NA,
+                     fmt_int(model and model.parameters), (tokenizer and f"`{tokenizer.pair_format}`") or NA,
+                     _protocol(cfg), cfg.get("trials", NA), cfg.get("max_seq_len", NA)])
+    return ["What each row finetuned, and how:", "",
+            *_table(["row", "model", "loaded as", "type", "parameters", "pair format", "protocol", "trials", "max tokens"],
+                    rows, align_right={4, 7, 8}), ""]
 
 
 def _glue_tasks(results: dict[str, Any]) -> list[str]:
@@ -514,8 +538,14 @@ def _fmt_g(x: Any) -> str:
 def _glue_recipe(results: dict[str, Any]) -> list[str]:
     """The bullets at the top of results.md: checkpoint, recipe, trials, and whether tasks were subsampled."""
     src, cfg, run = results.get("checkpoint") or {}, results.get("config") or {}, results.get("run") or {}
+    model, tokenizer = _finetuned(results)
     lines = [
         f"- checkpoint: `{src.get('path', NA)}` ({src.get('kind', NA)}, sha256 `{str(src.get('sha256', NA))[:16]}`)",
+        *([f"- model: {model.format} {model.model_type} ({model.architecture}), {fmt_int(model.parameters)} parameters "
+           f"with a two-class head, at most {model.max_length or NA} tokens; "
+           f"{'hub commit ' + model.revision if model.revision else model.origin or NA}"] if model and model.format else []),
+        *([f"- tokenizer: {tokenizer.tokenizer_class}, {fmt_int(tokenizer.vocab_size)} tokens; a pair reads "
+           f"`{tokenizer.pair_format}`{' with segment ids' if tokenizer.token_type_ids else ''}"] if tokenizer else []),
         f"- recipe: glue={cfg.get('name', NA)}, batch {cfg.get('batch_size', NA)}, lr {_fmt_g(cfg.get('lr'))}, "
         f"{cfg.get('schedule', NA)} schedule (warmup {_fmt_g(cfg.get('warmup_fraction'))}), epochs "
         f"{cfg.get('epochs', NA)}, dropout {_fmt_g(cfg.get('dropout'))}, max length {cfg.get('max_seq_len', NA)}; "
@@ -564,6 +594,17 @@ def write_glue_tables(glue_dir: str | Path) -> Path:
     path = glue_dir / run_files.RESULTS_MD
     write_atomic(path, glue_markdown(run_files.read_results(glue_dir)))
     return path
+
+
+def write_card_glue(glue_dir: str | Path) -> Path:
+    """Put a GLUE run's table (and its recipe and tasks) into the model card (README.md) of the local
+    `cram pretrain` export it finetuned, replacing an earlier GLUE section; returns the card's path."""
+    from cramming import card
+
+    results = run_files.read_results(glue_dir)
+    lines = ["## GLUE (dev)", "", f"From `cram glue` in `{Path(glue_dir)}`:", "", *_glue_recipe(results),
+             *_glue_table([("this model", results)]), *_glue_tasks(results)]
+    return card.set_glue_section(card.finetuned_export(results), "\n".join(lines))
 
 
 def _full_config(run: PretrainRun) -> list[str]:
@@ -664,21 +705,22 @@ def build_report(paths: list[str | Path], out: str | Path | None = None, name: s
     if len(runs) == 1:
         plots = {}
         if pre:
-            for key, fn, file in (("loss", plot_loss, "loss_vs_time.png"), ("schedule", plot_schedule, "lr_batch_vs_time.png")):
+            for key, fn, file in (("loss", run_files.plot_loss, "loss_vs_time.png"),
+                                  ("schedule", plot_schedule, "lr_batch_vs_time.png")):
                 made = fn(pre, out / file)
                 if made:
                     plots[key] = made
         lines += _run_sections(runs[0], plots, "##", out) + extra
     else:
         lines += ["## Comparison", ""] + _comparison(runs)
-        for title_, fn, file in (("MLM loss vs. time, all runs", plot_loss, "loss_comparison.png"),
+        for title_, fn, file in (("MLM loss vs. time, all runs", run_files.plot_loss, "loss_comparison.png"),
                                  ("Learning rate and batch size vs. time, all runs", plot_schedule, "lr_batch_comparison.png")):
             if pre and fn(pre, out / file):
                 lines += [f"![{title_}]({file})", ""]
         lines += extra
         with_glue = [(r.label, r.glue.results) for r in runs if r.glue]
         if with_glue:
-            lines += ["## GLUE (dev)", ""] + _glue_table(with_glue)
+            lines += ["## GLUE (dev)", ""] + _glue_table(with_glue) + _glue_models(with_glue)
         lines += ["## Runs", ""]
         for r in runs:
             lines += _run_sections(r, {}, "###", out)
@@ -721,8 +763,17 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--include", action="append", default=[], metavar="FILE",
                         help="a markdown file to place after the comparison (or after the run, for one run); "
                         "repeatable")
+    parser.add_argument("--card", action="store_true",
+                        help="also write each GLUE run's table into the model card (README.md) of the cram pretrain "
+                        "export it finetuned, replacing an earlier GLUE section there")
     args = parser.parse_args(argv)
     build_report(args.runs, args.out, args.name, args.include)
+    if args.card:
+        glue_runs = [r.glue.path for p in args.runs for r in discover(p) if r.glue]
+        if not glue_runs:
+            raise ReportError("--card needs a GLUE run (outputs/glue/<run>) among the RUN_DIRs")
+        for path in glue_runs:
+            print(f"model card: {write_card_glue(path)}")
     return 0
 
 

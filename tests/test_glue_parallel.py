@@ -22,6 +22,8 @@ from cramming.glue import GlueConfig
 from cramming.glue import finetune as F
 from cramming.glue import parallel as P
 from cramming.glue.batching import Collate, bucket_widths, make_loader, padded_width, padding_waste
+from cramming.glue.sources import resolve_source
+from cramming.glue.training import model_inputs
 from cramming.gpu import GpuProfile
 
 ASSETS = Path(F.__file__).resolve().parents[1] / "assets" / "glue_demo"
@@ -41,9 +43,22 @@ def ckpt(tmp_path_factory) -> Path:
 def _setup(ckpt: Path, task: str, **overrides):
     settings = {"max_train_examples": 40, "max_eval_examples": 32, "epochs": 2, "trials": 3, **overrides}
     gcfg = GlueConfig(tasks=[task], data_dir=str(ASSETS), **settings)
-    source = F.resolve_source(OmegaConf.create({"ckpt": str(ckpt)}), gcfg)
+    source = resolve_source(OmegaConf.create({"ckpt": str(ckpt)}), gcfg)
     (data, _), = F.load_all_tasks(gcfg)
-    return gcfg, source, data, F._encode(source, data, gcfg)
+    return gcfg, source, data, F.encode_task(source, data, gcfg)
+
+
+def _sequential(source, spec, train, dev, gcfg, seed, profile, label):
+    """A sequential trial's record as results.json holds it, and its model."""
+    trial, model = F.finetune_trial(source, spec, train, dev, gcfg, seed, profile, label)
+    return trial.to_json(), model
+
+
+def _side_by_side(source, spec, train, dev, gcfg, seeds, profile, labels):
+    """A side-by-side group (its records as results.json holds them), or None."""
+    group = P.finetune_side_by_side(lambda: source.make_model(spec.num_labels, gcfg.dropout), source.pad_id, spec,
+                                    train, dev, gcfg, seeds, profile, labels)
+    return group and P.Group([t.to_json() for t in group.trials], group.stack)
 
 
 @pytest.mark.parametrize("task", ["rte", "stsb"])
@@ -51,9 +66,8 @@ def test_side_by_side_trials_equal_sequential_ones(ckpt, task):
     """Without dropout each stacked trial is its sequential run: same init, batches, AdamW, schedule."""
     gcfg, source, data, (train, dev) = _setup(ckpt, task, dropout=0.0)
     seeds = [0, 1, 2]  # 40 examples: two batches of 16 and one of 8 per epoch, 2 epochs
-    sequential = [F.finetune_trial(source, data.spec, train, dev, gcfg, s, CPU, f"seq {s}") for s in seeds]
-    group = P.finetune_side_by_side(lambda: source.make_model(data.spec.num_labels, gcfg.dropout), F._pad_id(source),
-                                    data.spec, train, dev, gcfg, seeds, CPU, [f"sbs {s}" for s in seeds])
+    sequential = [_sequential(source, data.spec, train, dev, gcfg, s, CPU, f"seq {s}") for s in seeds]
+    group = _side_by_side(source, data.spec, train, dev, gcfg, seeds, CPU, [f"sbs {s}" for s in seeds])
     assert group is not None
     for i, ((trial, model), stacked) in enumerate(zip(sequential, group.trials, strict=True)):
         assert stacked["mode"] == "side-by-side" and trial["mode"] == "sequential"
@@ -78,7 +92,7 @@ def test_dropout_masks_differ_across_trials_and_repeat_per_group(ckpt):
         return source.make_model(data.spec.num_labels, gcfg.dropout)
 
     stack = P.build_stack(same_weights, [0, 1, 2], torch.device("cpu"))
-    collate = Collate(F._pad_id(source), False)
+    collate = Collate(source.pad_id, False)
     one = next(iter(make_loader(train.input_ids, train.labels, 16, list, True, 0, 0)))
     batch = collate.stack([one] * 3)  # the same batch for every trial
     step = P.stacked_loss(stack.base, regression=False)
@@ -86,7 +100,7 @@ def test_dropout_masks_differ_across_trials_and_repeat_per_group(ckpt):
     def losses(seed: int) -> torch.Tensor:
         torch.manual_seed(seed)
         with torch.no_grad():
-            return step(stack.tensors(), batch["input_ids"], batch["attention_mask"], batch["labels"])
+            return step(stack.tensors(), model_inputs(batch), batch["labels"])
 
     stack.base.train()
     first = losses(P.group_seed([0, 1, 2]))
@@ -173,9 +187,9 @@ def test_cram_glue_side_by_side_then_resume_and_fallback(ckpt, tmp_path, monkeyp
     trials; a group that does not fit runs its trials one after another. A bf16 profile runs fp32 on the CPU."""
     gcfg = GlueConfig(tasks=["rte"], data_dir=str(ASSETS), max_train_examples=32, max_eval_examples=16, epochs=1,
                       trials=2, parallel_trials=True, export_finetuned=True)
-    source = F.resolve_source(OmegaConf.create({"ckpt": str(ckpt)}), gcfg)
+    source = resolve_source(OmegaConf.create({"ckpt": str(ckpt)}), gcfg)
     bf16 = GpuProfile(device="cpu", precision="bf16")
-    results = F.run_glue(gcfg, source, tmp_path, bf16)
+    results = F.run_glue(gcfg, source, tmp_path, bf16).to_json()
     assert results["run"]["precision"] == "fp32"
     first = results["tasks"]["rte"]["trials"]
     assert [(t["seed"], t["mode"], t["trials_together"]) for t in first] == [(0, "side-by-side", 2), (1, "side-by-side", 2)]
@@ -186,7 +200,7 @@ def test_cram_glue_side_by_side_then_resume_and_fallback(ckpt, tmp_path, monkeyp
     monkeypatch.setattr(P, "_available_ram", lambda: 1)
     more = dataclasses.replace(gcfg, trials=4)
     with caplog.at_level(logging.WARNING, logger="cramming.glue.parallel"):
-        trials = F.run_glue(more, source, tmp_path, bf16)["tasks"]["rte"]["trials"]
+        trials = F.run_glue(more, source, tmp_path, bf16).to_json()["tasks"]["rte"]["trials"]
     assert "do not fit in CPU memory" in caplog.text and "running them one after another" in caplog.text
     assert trials[:2] == first and [t["mode"] for t in trials[2:]] == ["sequential", "sequential"]
     saved = runs.read_results(tmp_path)
@@ -237,12 +251,11 @@ def test_compiled_steps_equal_eager_ones(ckpt, monkeypatch):
     from cramming.glue import training
 
     gcfg, source, data, (train, dev) = _setup(ckpt, "rte", dropout=0.0, epochs=1)
-    eager = [F.finetune_trial(source, data.spec, train, dev, gcfg, s, CPU, "eager")[0] for s in (0, 1)]
+    eager = [_sequential(source, data.spec, train, dev, gcfg, s, CPU, "eager")[0] for s in (0, 1)]
     monkeypatch.setattr(training, "compiles", lambda profile: True)  # TrialTrainer and the bucketed collate
     monkeypatch.setattr(P, "compiles", lambda profile: True)  # GroupTrainer
-    seq = F.finetune_trial(source, data.spec, train, dev, gcfg, 0, CPU, "compiled")[0]
-    group = P.finetune_side_by_side(lambda: source.make_model(data.spec.num_labels, gcfg.dropout), F._pad_id(source),
-                                    data.spec, train, dev, gcfg, [0, 1], CPU, ["c0", "c1"])
+    seq = _sequential(source, data.spec, train, dev, gcfg, 0, CPU, "compiled")[0]
+    group = _side_by_side(source, data.spec, train, dev, gcfg, [0, 1], CPU, ["c0", "c1"])
     torch._dynamo.reset()
     assert seq["epochs"][0]["train_loss"] == pytest.approx(eager[0]["epochs"][0]["train_loss"], rel=1e-4)
     for stacked, ref in zip(group.trials, eager, strict=True):
@@ -255,15 +268,13 @@ def test_gpu_side_by_side_equals_sequential_then_compiled_bf16(ckpt):
     """On CUDA: fp32 eager stacked trials equal sequential ones; bf16 + compile (bucketed shapes) trains."""
     gcfg, source, data, (train, dev) = _setup(ckpt, "rte", dropout=0.0)
     fp32 = GpuProfile(name="gpu", device="cuda", precision="fp32")
-    sequential = [F.finetune_trial(source, data.spec, train, dev, gcfg, s, fp32, "seq")[0] for s in (0, 1)]
-    group = P.finetune_side_by_side(lambda: source.make_model(data.spec.num_labels, 0.0), F._pad_id(source), data.spec,
-                                    train, dev, gcfg, [0, 1], fp32, ["a", "b"])
+    sequential = [_sequential(source, data.spec, train, dev, gcfg, s, fp32, "seq")[0] for s in (0, 1)]
+    group = _side_by_side(source, data.spec, train, dev, gcfg, [0, 1], fp32, ["a", "b"])
     for stacked, trial in zip(group.trials, sequential, strict=True):
         assert [e["train_loss"] for e in stacked["epochs"]] == pytest.approx([e["train_loss"] for e in trial["epochs"]], rel=1e-4)
     bf16 = GpuProfile(name="gpu", device="cuda", precision="bf16", compile=True)
     recipe = dataclasses.replace(gcfg, dropout=0.1)
-    group = P.finetune_side_by_side(lambda: source.make_model(data.spec.num_labels, 0.1), F._pad_id(source), data.spec,
-                                    train, dev, recipe, [0, 1, 2], bf16, ["a", "b", "c"])
+    group = _side_by_side(source, data.spec, train, dev, recipe, [0, 1, 2], bf16, ["a", "b", "c"])
     torch._dynamo.reset()
     assert all(torch.isfinite(torch.tensor(e["train_loss"])) for t in group.trials for e in t["epochs"])
     assert len({t["epochs"][-1]["train_loss"] for t in group.trials}) == 3

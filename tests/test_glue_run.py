@@ -156,7 +156,7 @@ def test_random_init_baseline(ckpt, tmp_path, monkeypatch):
 
 
 def test_encoding_pairs_and_truncation(ckpt):
-    from cramming.glue.finetune import encode_split
+    from cramming.glue.encoding import encode_with_cls_sep as encode_split
     from cramming.glue.tasks import Split
     from cramming.model import load_tokenizer
 
@@ -248,3 +248,4 @@ def test_gpu_precisions(tmp_path, monkeypatch, precision):
     assert res["run"]["device"] == "cuda" and res["run"]["precision"] == precision
     trials = res["tasks"]["mnli"]["trials"]
     assert len(trials) == 2 and all(__import__("math").isfinite(e["train_loss"]) for t in trials for e in t["epochs"])
+

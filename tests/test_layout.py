@@ -18,9 +18,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "cramming"
 # Top-level name under cramming -> floor. Floor 1: the ground floor every stage uses.
 FLOORS = {
     "errors": 1, "checks": 1, "config": 1, "fileio": 1, "runs": 1, "faults": 1, "gpu": 1, "benchtools": 1,
+    "card": 1, "trackers": 1,
     "model": 2, "optim": 2, "corpus": 2,
     "data": 3, "train": 3, "glue": 3, "report": 3,
-    "cli": 4, "pipeline": 4, "experiment": 4, "bench": 4,
+    "cli": 4, "pipeline": 4, "experiment": 4, "bench": 4, "hub": 4,
 }
 RUN_FILE_NAMES = ("metrics.jsonl", "summary.json", "results.json")
 MAX_FUNCTION_LINES = 120

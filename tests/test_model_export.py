@@ -266,3 +266,57 @@ def test_trainer_continues_pretraining_on_the_sparse_path(exported, tmp_path):
     fill = pipeline("fill-mask", model=str(tmp_path / "continued"))
     preds = fill("the cat sat on the [MASK]", top_k=2)
     assert len(preds) == 2 and all(0 <= p["score"] <= 1 for p in preds)
+
+
+def _train_with_accumulation(
+    out: Path, head: str, rows: list[dict], batch: int, accumulation: int, tmp_path: Path
+) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Two SGD steps of `transformers.Trainer` on an export; returns (logged losses, final parameters).
+
+    Every optimizer step sees all 16 rows (one epoch), so the sampler's order cannot change the
+    step's gradient; SGD without clipping keeps a wrong loss scale visible in the weights (Adam
+    would normalise it away).
+    """
+    from transformers import (
+        AutoModelForMaskedLM,
+        AutoModelForSequenceClassification,
+        Trainer,
+        TrainingArguments,
+    )
+
+    auto = AutoModelForSequenceClassification if head == "classification" else AutoModelForMaskedLM
+    model = auto.from_pretrained(out)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / f"ga{accumulation}"), max_steps=2, per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation, optim="sgd", learning_rate=0.5, max_grad_norm=0.0,
+        lr_scheduler_type="constant", logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, seed=0,
+        disable_tqdm=True, dataloader_num_workers=0,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=rows)
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return losses, {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("head", ["classification", "mlm"])
+def test_trainer_gradient_accumulation_matches_one_large_batch(head, tmp_path):
+    """4 micro-batches of 4 accumulated = one batch of 16: same logged losses, same weights.
+
+    The classifier's loss is a mean per batch, so Trainer must divide it by the accumulation steps
+    itself; the MLM loss uses Trainer's target count (rows here hold different numbers of targets).
+    """
+    torch.manual_seed(0)
+    model = build_model(CFG, head, num_labels=3)
+    out = save_pretrained(model, tmp_path / head, make_tokenizer(tmp_path / "tok.json", CFG.vocab_size))
+    ids = torch.randint(5, CFG.vocab_size, (16, 12))
+    labels = torch.randint(0, 3, (16,)) if head == "classification" else _targets(ids)
+    if head == "mlm":
+        labels[::3, 4:] = -100  # fewer targets in some rows
+    rows = [{"input_ids": row.tolist(), "attention_mask": [1] * 12, "labels": label.tolist()}
+            for row, label in zip(ids, labels, strict=True)]
+    accumulated = _train_with_accumulation(out, head, rows, batch=4, accumulation=4, tmp_path=tmp_path)
+    single = _train_with_accumulation(out, head, rows, batch=16, accumulation=1, tmp_path=tmp_path)
+    assert len(single[0]) == 2
+    torch.testing.assert_close(torch.tensor(accumulated[0]), torch.tensor(single[0]), rtol=0, atol=1e-5)
+    for name, param in single[1].items():
+        torch.testing.assert_close(accumulated[1][name], param, rtol=0, atol=1e-5, msg=name)

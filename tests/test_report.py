@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -205,6 +206,35 @@ def test_stats_fall_back_to_metrics_and_tolerate_missing_fields(tmp_path):
     assert report.fmt_duration(3725) == "1h 02m 05s"
 
 
+def _write_metrics(run: Path, epochs: list[float | None]) -> None:
+    """A metrics log by hand: a record every 10 steps and 60 s, 40,000 tokens each, `epochs` per record."""
+    records = [{"step": 10 * i, "elapsed_s": 60.0 * i, "loss": 6.0, "lr": 1e-3, "batch_size": 8,
+                "tokens_seen": 40_000 * i, **({} if e is None else {"epochs": e})} for i, e in enumerate(epochs, 1)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_report_names_the_data_pass_starts(tmp_path):
+    run = make_pretrain_run(tmp_path / "passes", summary=False)
+    _write_metrics(run, [0.4, 0.8, 1.2, 1.6, 2.0, 2.4, 2.8, 3.2])  # 100,000 tokens per pass
+    md = report.build_report([run]).read_text()
+    assert "Data passes: 3 new pass(es) over the training split (3.20 passes by the last log record)" in md
+    # Passes 2 and 4 start half-way between two records, pass 3 at the record where epochs reach 2.0.
+    assert "| pass 2 | 25 | 100,000 (100.0k) | 2m 30s |" in md
+    assert "| pass 3 | 50 | 200,000 (200.0k) | 5m 00s |" in md
+    assert "| pass 4 | 75 | 300,000 (300.0k) | 7m 30s |" in md
+    assert _png_ok(run / "loss_vs_time.png") and "](loss_vs_time.png)" in md
+
+
+def test_report_of_one_pass_and_of_a_log_without_epochs(tmp_path):
+    one, old = make_pretrain_run(tmp_path / "one"), make_pretrain_run(tmp_path / "old")
+    _write_metrics(one, [0.25, 0.5, 0.75])
+    _write_metrics(old, [None, None])
+    assert "Data passes: one pass, not revisited (0.75 of the training split" in report.build_report([one]).read_text()
+    md = report.build_report([old]).read_text()
+    assert "Data passes: not recorded (this metrics log predates the `epochs` field)." in md
+    assert _png_ok(old / "loss_vs_time.png")
+
+
 @pytest.mark.parametrize("make_bad", [
     lambda p: p / "does-not-exist",
     lambda p: (p / "empty").mkdir() or p / "empty",
@@ -253,3 +283,42 @@ def test_glue_tables_rendered_from_results(tmp_path):
     assert "| median |  | 11.00 | 69.50 |" in md and "Notes: constant predictions: MCC is 0.0" in md
     # Fields a hand-made results file lacks are shown as n/a, not a traceback.
     assert "No task results yet." in report.glue_markdown({"tasks": {}})
+
+
+def test_glue_runs_side_by_side_with_what_each_finetuned(tmp_path):
+    """`cram report` of two GLUE runs, the crammed model and a transformers checkpoint (each under its
+    protocol): one table of their scores, one of their models, tokenizers and protocols."""
+    from cramming.runs import FinetunedModel, TokenizerRecord
+
+    crammed = make_glue_run(tmp_path / "crammed", ckpt=tmp_path / "pretrain" / "final", rte=55.0)
+    bert = make_glue_run(tmp_path / "bert-base", rte=66.4)
+    records = {
+        crammed: (FinetunedModel(str(tmp_path / "pretrain" / "final"), "checkpoint", "ab" * 32, "crammed-bert", "local",
+                                 model_type="crammed-bert", architecture="CrammedBertForSequenceClassification",
+                                 parameters=119_000_000, max_length=128),
+                  TokenizerRecord("final/tokenizer.json", "PreTrainedTokenizerFast", 32768, "[CLS] A [SEP] B [SEP]",
+                                  "[CLS] A [SEP]", 128, False), {"name": "cramming"}),
+        bert: (FinetunedModel("bert-base-uncased", "checkpoint", "cd" * 32, "transformers", "hub", "86b5e0934494bd15c9632b12f734a8a67f723594",
+                              model_type="bert", architecture="BertForSequenceClassification", parameters=109_483_778,
+                              max_length=512),
+               TokenizerRecord("bert-base-uncased", "BertTokenizer", 30522, "[CLS] A [SEP] B [SEP]", "[CLS] A [SEP]", 128,
+                               True), {"name": "bert-original", "batch_size": 32, "lr": 2e-5, "schedule": "linear"}),
+    }
+    for run, (model, tokenizer, protocol) in records.items():
+        results = json.loads((run / "results.json").read_text())
+        results["config"].update(protocol)
+        results.update(checkpoint=dataclasses.asdict(model), tokenizer=dataclasses.asdict(tokenizer))
+        (run / "results.json").write_text(json.dumps(results))
+    md = report.build_report([crammed, bert], out=tmp_path / "rep").read_text()
+    glue = md[md.index("## GLUE (dev)"):md.index("## Runs")]
+    assert "| measured: crammed |" in glue and "| measured: bert-base |" in glue and "66.4" in glue
+    models = glue[glue.index("What each row finetuned"):]
+    rows = {line.split("|")[1].strip(): line for line in models.splitlines() if line.startswith("| measured: ")}
+    assert "| crammed-bert | crammed-bert | 119,000,000 | `[CLS] A [SEP] B [SEP]` | glue=cramming: batch 16, lr 4e-05, " \
+           "cosine, 5 epochs | 3 | n/a |" in rows["measured: crammed"]
+    assert "`bert-base-uncased` @ 86b5e0934494 | transformers | bert | 109,483,778 |" in rows["measured: bert-base"]
+    assert "glue=bert-original: batch 32, lr 2e-05, linear, 5 epochs" in rows["measured: bert-base"]
+    single = report.write_glue_tables(bert).read_text()
+    assert "- model: transformers bert (BertForSequenceClassification), 109,483,778 parameters with a two-class head, " \
+           "at most 512 tokens; hub commit 86b5e0934494bd15c9632b12f734a8a67f723594" in single
+    assert "- tokenizer: BertTokenizer, 30,522 tokens; a pair reads `[CLS] A [SEP] B [SEP]` with segment ids" in single

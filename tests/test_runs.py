@@ -44,12 +44,35 @@ def test_summary_round_trip_and_tolerance(tmp_path: Path) -> None:
         runs.read_summary(tmp_path)
 
 
+def _glue_results(trials: int = 2) -> runs.GlueResults:
+    """GLUE results as `cram glue` writes them: one task, `trials` trials (one side by side)."""
+    epoch = runs.GlueEpoch(1, 0.69, 0.0, 1.5, {"accuracy": 55.0})
+    trial = [runs.GlueTrial(s, {"accuracy": 55.0 + s}, [epoch, runs.GlueEpoch(2, 0.6, 0.0, 1.4)], [], 3.0, 6,
+                            *(("side-by-side", 2) if s else ())) for s in range(trials)]
+    task = runs.GlueTask("classification", False, "k1", ["0", "1"], ["accuracy"], ["accuracy"], {"train": "a.tsv"},
+                         {"train": 40, "dev": 32}, 0, trial, {"accuracy": 55.5}, 55.5)
+    model = runs.FinetunedModel("bert-base-uncased", "checkpoint", "ab" * 32, "transformers", "hub", "c" * 40,
+                                "/cache/snap", {"model.safetensors": "ab" * 32}, "bert", "BertForSequenceClassification",
+                                109_483_778, 512)
+    tokenizer = runs.TokenizerRecord("bert-base-uncased", "BertTokenizer", 30522, "[CLS] A [SEP] B [SEP]",
+                                     "[CLS] A [SEP]", 128, True, "cd" * 32)
+    info = runs.GlueRunInfo(0, [0, 1], "cpu", "cpu", "fp32", "2.13", "5.0")
+    return runs.GlueResults("key1", model, {"name": "bert-original", "lr": 2e-5}, info, tokenizer, {"rte": task},
+                            "complete", runs.glue_block({"rte": {"accuracy": 55.5}}))
+
+
 def test_results_round_trip_and_validation(tmp_path: Path) -> None:
     with pytest.raises(RunFormatError, match=r"results\.json is missing; run `cram glue`"):
         runs.read_results(tmp_path)
-    results = {"format_version": 1, "tasks": {"rte": {"median": {"accuracy": 55.0}}}}
+    results = _glue_results()
     runs.write_results(tmp_path, results)
-    assert runs.read_results(tmp_path) == results
+    assert runs.read_glue_results(tmp_path) == results
+    raw = runs.read_results(tmp_path)
+    assert raw["tasks"]["rte"]["median"] == {"accuracy": 55.5} and raw["checkpoint"]["revision"] == "c" * 40
+    trials = raw["tasks"]["rte"]["trials"]
+    # Optional fields are left out while unset: an unevaluated epoch has no `dev`, a sequential trial no group size.
+    assert "dev" not in trials[0]["epochs"][1] and "trials_together" not in trials[0]
+    assert trials[1]["mode"] == "side-by-side" and trials[1]["trials_together"] == 2
     assert (tmp_path / runs.RESULTS_FILE).read_text().endswith("}\n")
     for bad in ('{"tasks": [1]}', "[]"):
         (tmp_path / runs.RESULTS_FILE).write_text(bad)
@@ -65,13 +88,33 @@ def test_run_kinds(tmp_path: Path) -> None:
     for folder in (pre, glue, other):
         folder.mkdir()
     runs.write_summary(pre, {})
-    runs.write_results(glue, {"tasks": {}})
+    runs.write_results(glue, _glue_results())
     (other / "notes.txt").write_text("x")
     assert [runs.is_pretrain_run(p) for p in (pre, glue, other)] == [True, False, False]
     assert [runs.is_glue_run(p) for p in (pre, glue, other)] == [False, True, False]
     with runs.MetricsWriter(other) as log:
         log.write({"step": 1})
     assert runs.is_pretrain_run(other)  # a run still in progress: a metrics log, no summary yet
+
+
+def test_results_of_an_older_version_read_with_defaults_and_bad_records_are_named(tmp_path: Path) -> None:
+    """A results file from before the model and tokenizer records (format 1) still resumes and reports;
+    a record that lacks a required field is a RunFormatError naming it."""
+    old = _glue_results().to_json()
+    old["checkpoint"] = {"path": "outputs/pretrain/r/final", "kind": "checkpoint", "sha256": "ab" * 32}
+    del old["tokenizer"], old["run"]["transformers"]
+    old["extra_from_a_newer_version"] = 1
+    (tmp_path / runs.RESULTS_FILE).write_text(json.dumps(old))
+    read = runs.read_glue_results(tmp_path)
+    assert read.checkpoint.format is None and read.checkpoint.weights == {} and read.tokenizer is None
+    assert read.tasks["rte"].trials[1].trials_together == 2 and read.run.transformers is None
+    del old["tasks"]["rte"]["trials"][0]["final"]
+    (tmp_path / runs.RESULTS_FILE).write_text(json.dumps(old))
+    with pytest.raises(RunFormatError, match="trial 0: .*final"):
+        runs.read_glue_results(tmp_path)
+    (tmp_path / runs.RESULTS_FILE).write_text(json.dumps({**old, "checkpoint": ["x"]}))
+    with pytest.raises(RunFormatError, match="checkpoint: expected a mapping"):
+        runs.read_glue_results(tmp_path)
 
 
 # --- metrics.jsonl -------------------------------------------------------------------------------
@@ -114,6 +157,48 @@ def test_resume_drops_records_after_the_checkpoint(tmp_path: Path) -> None:
     with runs.MetricsWriter(tmp_path) as log:
         log.write({"step": 8})
     assert len(runs.read_metrics(tmp_path).records) == 8
+
+
+# --- data passes and the loss plot --------------------------------------------------------------
+
+
+def _record(step: int, elapsed_s: float, tokens_seen: int, epochs: float | None) -> dict:
+    record = {"step": step, "elapsed_s": elapsed_s, "loss": 7.0 - step / 100, "tokens_seen": tokens_seen}
+    return record if epochs is None else {**record, "epochs": epochs}
+
+
+def test_pass_starts_are_interpolated_where_epochs_cross_a_whole_number() -> None:
+    # 1,600 tokens per pass. Epochs cross 1.0 a quarter of the way from step 10 to step 20, reach 2.0
+    # exactly at step 30 (pass 3 starts there), and cross 3.0 and 4.0 between steps 30 and 50.
+    records = [_record(10, 12.0, 1200, 0.75), _record(15, 16.0, 2000, None),  # old-style: skipped
+               _record(20, 20.0, 2800, 1.75), _record(30, 30.0, 3200, 2.0), _record(50, 70.0, 6400, 4.0)]
+    assert runs.pass_starts(records) == [
+        runs.PassStart(2, 12.5, 1600.0, 14.0), runs.PassStart(3, 30.0, 3200.0, 30.0),
+        runs.PassStart(4, 40.0, 4800.0, 50.0), runs.PassStart(5, 50.0, 6400.0, 70.0)]
+    # A pass that ends before the first record is placed between the run's start and that record.
+    assert runs.pass_starts([_record(4, 8.0, 2400, 2.0)]) == [runs.PassStart(2, 2.0, 1200.0, 4.0),
+                                                               runs.PassStart(3, 4.0, 2400.0, 8.0)]
+    assert runs.pass_starts(records[:1]) == []  # within the first pass
+    assert runs.pass_starts([_record(s, s, 100 * s, None) for s in (1, 2)]) == []  # logs without `epochs`
+
+
+def test_loss_plot_marks_the_data_passes(tmp_path: Path) -> None:
+    passes = tmp_path / "passes"
+    old = tmp_path / "old"
+    for folder, epochs in ((passes, (0.75, 1.75, 2.0, 4.0)), (old, (None,) * 4)):
+        folder.mkdir()
+        with runs.MetricsWriter(folder) as log:
+            for (step, elapsed, tokens), e in zip(((10, 12.0, 1200), (20, 20.0, 2800), (30, 30.0, 3200),
+                                                   (50, 70.0, 6400)), epochs, strict=True):
+                log.write(_record(step, elapsed, tokens, e))
+            log.write({"event": "eval", "step": 50, "elapsed_s": 71.0, "val_loss": 6.6})
+    images = [runs.plot_loss([("run", runs.read_metrics(f))], f / "loss.png") for f in (passes, old)]
+    assert images == [passes / "loss.png", old / "loss.png"]
+    assert all(p.read_bytes().startswith(b"\x89PNG") and p.stat().st_size > 1000 for p in images)
+    # The same curves: only the dotted pass lines (and their labels) make the images differ.
+    assert images[0].read_bytes() != images[1].read_bytes()
+    assert runs.plot_loss([("run", runs.Metrics())], tmp_path / "none.png") is None
+    assert not (tmp_path / "none.png").exists()
 
 
 # --- the run's config ----------------------------------------------------------------------------

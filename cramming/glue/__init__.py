@@ -1,7 +1,8 @@
 """`cram glue`: finetune a checkpoint on GLUE (and custom tasks) and report the median of N trials.
 
 The typed config of the `glue` group lives here so that it can be imported without torch;
-`tasks` reads the data, `metrics` scores predictions, `finetune` runs the trials.
+`tasks` reads the data, `metrics` scores predictions, `sources` loads the model to finetune,
+`finetune` runs the trials.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from cramming.glue.tasks import (
     TaskKind,
     validate_task_names,
 )
+from cramming.trackers import TrackerName
 
 Schedule = Literal["cosine", "linear", "constant"]
 
@@ -96,7 +98,8 @@ class GlueConfig:
     epochs: int = 5
     """Passes over the training set (the rules allow at most 5)."""
     dropout: float = 0.1
-    """Dropout during finetuning (pretraining runs without it)."""
+    """Dropout during finetuning of crammed models (pretraining runs without it); a transformers
+    checkpoint keeps the dropout of its own config."""
     weight_decay: float = 0.01
     """AdamW weight decay, applied to matrices only (not to biases and LayerNorm weights)."""
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -106,7 +109,8 @@ class GlueConfig:
     grad_clip: float | None = 1.0
     """Clip the gradient norm to this value; null = no clipping."""
     max_seq_len: int = 128
-    """Tokens per example including [CLS]/[SEP]; longer inputs are truncated (longest text first)."""
+    """Tokens per example including the special tokens ([CLS]/[SEP], <s>/</s>); longer inputs are
+    truncated (longest text first). At most the model's own limit."""
     max_train_examples: int | None = None
     """Use a fixed random subset of this many training examples per task (quick runs); null = all."""
     max_eval_examples: int | None = None
@@ -115,6 +119,9 @@ class GlueConfig:
     """Evaluate on dev after every epoch (logged); the FINAL epoch's scores are reported either way."""
     export_finetuned: bool = False
     """Export the first trial's finetuned classifier of each task to <out>/finetuned/<task>/."""
+    report_to: list[TrackerName] = field(default_factory=list)
+    """Experiment trackers that also receive the config, every trial's and task's scores and the GLUE
+    summary (tensorboard, wandb, mlflow; cramming.trackers); none beyond the run folder's files by default."""
     num_workers: int = 0
     """DataLoader worker processes (tokenization is done up front, so 0 is usually fastest)."""
     parallel_trials: bool | None = None
@@ -129,6 +136,11 @@ class GlueConfig:
     tokenizer: str | None = None
     """For ckpt=random-init only: a tokenizer.json file or a folder holding one (a prepared data folder or
     an exported checkpoint); the model is built from the `arch` group with that tokenizer's vocabulary."""
+    revision: str | None = None
+    """For a hub id in ckpt (e.g. ckpt=bert-base-uncased): the branch, tag or commit to fetch; null = main.
+    The results file records the commit it resolved to."""
+    trust_remote_code: bool = False
+    """Run a transformers checkpoint's own modelling code (config.json's auto_map); off unless asked."""
     on_bad_row: Literal["error", "skip"] = "error"
     """A data row with missing fields, empty text or a label outside the task's set: stop with an error
     naming the file and line, or skip it (counted in the log and results)."""

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader
 
-Example = tuple[list[int], float]  # (token ids, class index or score)
+Example = tuple[list[int], float] | tuple[list[int], float, list[int]]
+"""(token ids, class index or score), and the segment ids for models that read them."""
 
 
 def bucket_widths(max_len: int, count: int) -> tuple[int, ...]:
@@ -46,7 +47,10 @@ def padded_width(longest: int, buckets: Sequence[int]) -> int:
 
 
 class Collate:
-    """(token ids, label) examples -> input_ids, attention_mask [B, W] and labels [B] (or [N, B, ...] stacked)."""
+    """Examples -> input_ids, attention_mask (token_type_ids) [B, W] and labels [B] (or [N, B, ...] stacked).
+
+    Every key but `labels` is a model input (`training.model_inputs`).
+    """
 
     def __init__(self, pad_id: int, regression: bool, buckets: Sequence[int] = ()) -> None:
         self.pad_id = pad_id
@@ -56,29 +60,37 @@ class Collate:
     def pad(self, batch: Sequence[Example], width: int) -> dict[str, torch.Tensor]:
         input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, (ids, _) in enumerate(batch):
+        for i, example in enumerate(batch):
+            ids = example[0]
             input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             mask[i, : len(ids)] = 1
+        out = {"input_ids": input_ids, "attention_mask": mask}
+        if len(batch[0]) == 3:  # padded positions are masked, so their segment id does not matter
+            types = torch.zeros((len(batch), width), dtype=torch.long)
+            for i, example in enumerate(batch):
+                types[i, : len(example[2])] = torch.tensor(example[2], dtype=torch.long)
+            out["token_type_ids"] = types
         dtype = torch.float32 if self.regression else torch.long
-        labels = torch.tensor([y for _, y in batch], dtype=dtype)
-        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+        out["labels"] = torch.tensor([example[1] for example in batch], dtype=dtype)
+        return out
 
     def __call__(self, batch: Sequence[Example]) -> dict[str, torch.Tensor]:
-        return self.pad(batch, padded_width(max(len(ids) for ids, _ in batch), self.buckets))
+        return self.pad(batch, padded_width(max(len(example[0]) for example in batch), self.buckets))
 
     def stack(self, batches: Sequence[Sequence[Example]], width: int | None = None) -> dict[str, torch.Tensor]:
         """One batch per trial, padded to one width (the widest trial's, or `width`) and stacked: [N, B, W], [N, B]."""
         if width is None:
-            width = padded_width(max(len(ids) for batch in batches for ids, _ in batch), self.buckets)
+            width = padded_width(max(len(example[0]) for batch in batches for example in batch), self.buckets)
         parts = [self.pad(batch, width) for batch in batches]
         return {key: torch.stack([p[key] for p in parts]) for key in parts[0]}
 
 
 def make_loader(input_ids: Sequence[list[int]], labels: Sequence[int | float], batch_size: int, collate_fn: object,
-                shuffle: bool, seed: int, workers: int) -> DataLoader:
+                shuffle: bool, seed: int, workers: int, token_type_ids: Sequence[list[int]] | None = None) -> DataLoader:
     """The recipe's loader: batches of `batch_size` (the last one smaller), reshuffled every epoch by a
     generator seeded with `seed`; which examples form a batch depends only on the seed and the data."""
-    data = list(zip(input_ids, labels, strict=True))
+    columns = (input_ids, labels) if token_type_ids is None else (input_ids, labels, token_type_ids)
+    data = list(zip(*columns, strict=True))
     gen = torch.Generator().manual_seed(seed)
     return DataLoader(data, batch_size=batch_size, shuffle=shuffle, collate_fn=collate_fn, generator=gen,
                       num_workers=workers)

@@ -43,14 +43,17 @@ from torch import nn
 from cramming.benchtools import add_arch_options, add_out_option, arch_config, cpu_name, write_json_report
 from cramming.glue import GlueConfig
 from cramming.glue.batching import bucket_widths, make_loader, padding_waste
+from cramming.glue.encoding import encode_with_cls_sep
 from cramming.glue.parallel import DoesNotFit, GroupTrainer, build_stack, cpu_memory_check
 from cramming.glue.tasks import GLUE_TASKS, TASK_SPECS, TaskData, load_task
 from cramming.glue.training import TrialTrainer, seed_everything, train_collate
-from cramming.gpu import GpuProfile
+from cramming.gpu import Fixes, GpuProfile, require_runnable
 from cramming.runs import GLUE_TRAIN_ROWS
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "glue_demo"
 MODES = ("sequential", "side-by-side")
+# What `cram bench glue` users type instead when this machine cannot run what they asked for.
+BENCH_FIXES = Fixes(cpu="--device cpu (the default without CUDA)", no_bf16="--precision fp32")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -303,8 +306,9 @@ def markdown(report: dict[str, Any]) -> str:
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda but no CUDA device is visible")
+    profile = GpuProfile(name="bench", device=device.type, precision=args.precision if device.type == "cuda" else "fp32",
+                         compile=args.compile and device.type == "cuda")
+    require_runnable(profile, f"--device {args.device} --precision {args.precision}", BENCH_FIXES)
     if args.threads:
         torch.set_num_threads(args.threads)
     names = args.tasks or [t for t in GLUE_TASKS if (args.data_dir / TASK_SPECS[t].folder).is_dir()]
@@ -312,17 +316,13 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"no GLUE task folders in {args.data_dir}; pass --data-dir <GLUE folder> or --tasks")
     tasks = [load_task(n, args.data_dir) for n in names]
     gcfg = GlueConfig(tasks=names, max_seq_len=args.seq_len, pad_buckets=args.pad_buckets, trials=args.trials)
-    profile = GpuProfile(name="bench", device=device.type, precision=args.precision if device.type == "cuda" else "fp32",
-                         compile=args.compile and device.type == "cuda")
     with tempfile.TemporaryDirectory(prefix="cram-bench-glue-") as tmp:
         tokenizer, make_model, model = model_factory(args, tasks, gcfg.dropout, Path(tmp))
-        from cramming.glue.finetune import encode_split
-
         pad_id = int(tokenizer.convert_tokens_to_ids("[PAD]"))
         results = {}
         for task in tasks:
             print(f"{task.spec.name}: timing {' and '.join(MODES)} ...", file=sys.stderr)
-            encoded = encode_split(tokenizer, task.train, gcfg.max_seq_len)
+            encoded = encode_with_cls_sep(tokenizer, task.train, gcfg.max_seq_len)
             results[task.spec.name] = bench_task(task, encoded, make_model, pad_id, gcfg, profile, args)
             if profile.compile:
                 torch._dynamo.reset()  # as cram glue does after each task

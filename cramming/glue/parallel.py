@@ -24,6 +24,11 @@ A side-by-side trial's `time_s` (per epoch and in all) is its group's wall time.
 Memory: N copies of the weights, gradients and AdamW moments, and N batches of activations. On
 CUDA a group that runs out of memory is given up (logged) and its trials run one after another;
 on CPU it runs only when an estimate of that memory fits in the available RAM.
+
+Any model whose forward `vmap` can run stacks: the crammed model, and transformers models, whose
+attention-mask builder is swapped for one that never branches on the mask's values (see
+`_vmappable`). A model that still branches on its inputs' values is given up like a group that does
+not fit (logged), and its trials run one after another.
 """
 
 from __future__ import annotations
@@ -41,23 +46,24 @@ from typing import Any
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
-from tqdm.auto import tqdm
 
-from cramming.faults import fault_point
 from cramming.glue import GlueConfig
-from cramming.glue.batching import Collate, make_loader
+from cramming.glue.encoding import Encoded
+from cramming.glue.epochs import DevSets, Trials, run_epochs
 from cramming.glue.tasks import TaskSpec
 from cramming.glue.training import (
     TrialLog,
     compiles,
     make_optimizer,
     make_scheduler,
+    model_inputs,
     seed_everything,
     task_loss,
     train_collate,
 )
 from cramming.gpu import GpuProfile
 from cramming.optim.precision import autocast, effective_precision
+from cramming.runs import GlueTrial
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +105,9 @@ class Stack:
     """The model's modules on the meta device: what `functional_call` runs with a trial's tensors."""
     params: dict[str, torch.Tensor]
     buffers: dict[str, torch.Tensor]
+    attention: str | None = None
+    """A transformers model's own attention implementation, swapped in `base` for stacking and given
+    back to the copies `module` makes."""
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {**self.params, **self.buffers}
@@ -111,10 +120,38 @@ class Stack:
     def module(self, index: int) -> nn.Module:
         """A standalone copy of trial `index` on the CPU (for export)."""
         model = copy.deepcopy(self.base).to_empty(device="cpu")
+        if self.attention is not None:
+            model.set_attn_implementation(self.attention)
         stacked = self.tensors()
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
             tensor.copy_(stacked[name][index])
         return model.eval()
+
+
+STACKED_ATTENTION = "cramming_stacked"
+
+
+def _vmappable(base: nn.Module) -> str | None:
+    """Make a transformers model's forward runnable under vmap; returns the attention implementation it
+    had (None: not a transformers model on sdpa attention, left as it is).
+
+    transformers' sdpa mask builder skips an all-ones padding mask after testing `mask.all()`, a branch
+    on a tensor's value that vmap cannot take. The same sdpa attention under a builder that always
+    builds the mask computes the same function; it is registered under its own name.
+    """
+    if getattr(getattr(base, "config", None), "_attn_implementation", None) != "sdpa":
+        return None
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import sdpa_mask
+
+    def always_build(*args: Any, **kwargs: Any) -> Any:
+        return sdpa_mask(*args, **{**kwargs, "allow_is_bidirectional_skip": False})
+
+    AttentionInterface.register(STACKED_ATTENTION, sdpa_attention_forward)
+    AttentionMaskInterface.register(STACKED_ATTENTION, always_build)
+    base.set_attn_implementation(STACKED_ATTENTION)
+    return "sdpa"
 
 
 def build_stack(make_model: Callable[[], nn.Module], seeds: Sequence[int], device: torch.device,
@@ -131,9 +168,11 @@ def build_stack(make_model: Callable[[], nn.Module], seeds: Sequence[int], devic
         if stack is None:
             if fits is not None:
                 fits(model)
-            stack = Stack(copy.deepcopy(model).to("meta"),
+            base = copy.deepcopy(model).to("meta")
+            stack = Stack(base,
                           {n: torch.empty((len(seeds), *p.shape), dtype=p.dtype, device=device) for n, p in model.named_parameters()},
-                          {n: torch.empty((len(seeds), *b.shape), dtype=b.dtype, device=device) for n, b in model.named_buffers()})
+                          {n: torch.empty((len(seeds), *b.shape), dtype=b.dtype, device=device) for n, b in model.named_buffers()},
+                          _vmappable(base))
         target = stack.tensors()
         with torch.no_grad():
             for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
@@ -159,11 +198,11 @@ class TrialView(nn.Module):
 
 
 def stacked_loss(base: nn.Module, regression: bool) -> Callable[..., torch.Tensor]:
-    """(stacked tensors, input_ids, attention_mask [N, B, W], labels [N, B]) -> each trial's mean loss [N]."""
+    """(stacked tensors, model inputs [N, B, W] by name, labels [N, B]) -> each trial's mean loss [N]."""
 
-    def trial_loss(tensors: dict[str, torch.Tensor], input_ids: torch.Tensor, attention_mask: torch.Tensor,
+    def trial_loss(tensors: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor],
                    labels: torch.Tensor) -> torch.Tensor:
-        out = functional_call(base, tensors, (), {"input_ids": input_ids, "attention_mask": attention_mask})
+        out = functional_call(base, tensors, (), inputs)
         return task_loss(out["logits"], labels, regression)
 
     return vmap(trial_loss, randomness="different")
@@ -215,7 +254,7 @@ class GroupTrainer:
         """One optimizer step of every trial on its own batch ([N, B, W]); returns the N losses, unsynced."""
         fn = self.fast if batch["input_ids"].shape[1] == self.gcfg.batch_size else self.step_fn
         with autocast(batch["input_ids"].device, self.profile.precision):
-            losses = fn(self.stack.tensors(), batch["input_ids"], batch["attention_mask"], batch["labels"])
+            losses = fn(self.stack.tensors(), model_inputs(batch), batch["labels"])
         self.optimizer.zero_grad(set_to_none=True)
         losses.sum().backward()  # trial i's tensors get the gradient of loss i: the trials share nothing
         if self.gcfg.grad_clip is not None:
@@ -245,7 +284,10 @@ def estimate_bytes(model: nn.Module, trials: int, batch_size: int, width: int) -
     """
     params = sum(p.numel() for p in model.parameters())
     config = getattr(model, "config", None)
-    hidden, layers, heads = (config.hidden_size, config.num_layers, config.num_heads) if config else (0, 0, 0)
+    # The crammed config's names, else transformers' (an unknown shape counts no activations).
+    hidden = getattr(config, "hidden_size", 0)
+    layers = getattr(config, "num_layers", None) or getattr(config, "num_hidden_layers", 0)
+    heads = getattr(config, "num_heads", None) or getattr(config, "num_attention_heads", 0)
     tokens = batch_size * width
     activations = 2 * tokens * layers * (34 * hidden + 5 * heads * width)
     return trials * (16 * params + activations)
@@ -285,63 +327,50 @@ def _is_oom(err: BaseException) -> bool:
 class Group:
     """The trials of a finished group (results-file records, in seed order) and their stacked weights."""
 
-    trials: list[dict[str, Any]]
+    trials: list[GlueTrial]
     stack: Stack
 
 
-def finetune_side_by_side(make_model: Callable[[], nn.Module], pad_id: int, spec: TaskSpec, train: Any,
-                          dev: dict[str, Any], gcfg: GlueConfig, seeds: Sequence[int], profile: GpuProfile,
+def finetune_side_by_side(make_model: Callable[[], nn.Module], pad_id: int, spec: TaskSpec, train: Encoded,
+                          dev: dict[str, Encoded], gcfg: GlueConfig, seeds: Sequence[int], profile: GpuProfile,
                           labels: Sequence[str]) -> Group | None:
-    """Finetune one task's trials (one per seed) side by side; None when they do not fit in memory
-    (logged), so that the caller runs them one after another. `train`/`dev` are encoded splits."""
+    """Finetune one task's trials (one per seed) side by side; None when they do not fit in memory or
+    the model cannot be stacked (logged), so that the caller runs them one after another."""
     device = torch.device(profile.device)
     try:
         return _train_group(make_model, pad_id, spec, train, dev, gcfg, seeds, profile, labels)
     except DoesNotFit as err:
-        reason = str(err)
+        reason = f"do not fit in {'CUDA' if device.type == 'cuda' else 'CPU'} memory ({err})"
     except RuntimeError as err:  # torch.OutOfMemoryError, or a compiler's wrapping of it
-        if device.type != "cuda" or not _is_oom(err):
+        if device.type == "cuda" and _is_oom(err):
+            reason = f"do not fit in CUDA memory ({str(err).splitlines()[0]})"
+        elif "vmap" in str(err):
+            reason = f"cannot be stacked: the model's forward branches on its inputs' values ({str(err).splitlines()[0]})"
+        else:
             raise
-        reason = str(err).splitlines()[0]
     gc.collect()  # the failed group's tensors went with the exception's frames
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    log.warning("%s: %d trials side by side do not fit in %s memory (%s); running them one after another",
-                spec.name, len(seeds), device.type.upper() if device.type == "cuda" else "CPU", reason)
+    log.warning("%s: %d trials side by side %s; running them one after another", spec.name, len(seeds), reason)
     return None
 
 
-def _train_group(make_model: Callable[[], nn.Module], pad_id: int, spec: TaskSpec, train: Any, dev: dict[str, Any],
-                 gcfg: GlueConfig, seeds: Sequence[int], profile: GpuProfile, labels: Sequence[str]) -> Group:
-    from cramming.glue.finetune import evaluate  # finetune imports this module
-
+def _train_group(make_model: Callable[[], nn.Module], pad_id: int, spec: TaskSpec, train: Encoded,
+                 dev: dict[str, Encoded], gcfg: GlueConfig, seeds: Sequence[int], profile: GpuProfile,
+                 labels: Sequence[str]) -> Group:
     device = torch.device(profile.device)
     regression = spec.kind == "regression"
     start = time.perf_counter()
     stack = build_stack(make_model, seeds, device, cpu_memory_check(len(seeds), gcfg) if device.type == "cpu" else None)
     collate = train_collate(pad_id, regression, gcfg, profile)
-    loaders = [make_loader(train.input_ids, train.labels, gcfg.batch_size, list, True, s, gcfg.num_workers) for s in seeds]
+    # One loader per trial, shuffled by its own seed: a trial's batches are its sequential run's.
+    loaders = [train.loader(gcfg.batch_size, list, True, s, gcfg.num_workers) for s in seeds]
     total_steps = gcfg.epochs * len(loaders[0])
-    trainer = GroupTrainer.build(stack, gcfg, profile, total_steps, regression)
-    logs = [TrialLog(seed, label, gcfg.epochs) for seed, label in zip(seeds, labels, strict=True)]
+    trials = Trials(GroupTrainer.build(stack, gcfg, profile, total_steps, regression),
+                    lambda: (collate.stack(group) for group in zip(*loaders, strict=True)), len(loaders[0]),
+                    [TrialView(stack, i) for i in range(len(seeds))],
+                    [TrialLog(seed, label, gcfg.epochs) for seed, label in zip(seeds, labels, strict=True)])
     torch.manual_seed(group_seed(seeds))
-    for epoch in range(1, gcfg.epochs + 1):
-        stack.base.train()
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros(len(seeds), device=device)
-        bar = tqdm(zip(*loaders, strict=True), total=len(loaders[0]), leave=False, mininterval=1.0, dynamic_ncols=True,
-                   desc=f"{spec.name} {len(seeds)} trials side by side, epoch {epoch}/{gcfg.epochs}")
-        for group in bar:
-            batch = {k: v.to(device, non_blocking=True) for k, v in collate.stack(group).items()}
-            losses = trainer.step(batch)
-            fault_point("glue.trial")
-            loss_sum += losses.detach()
-        train_losses = (loss_sum / max(1, len(loaders[0]))).tolist()
-        seconds = time.perf_counter() - t0
-        evaluated = gcfg.eval_every_epoch or epoch == gcfg.epochs
-        eval_collate = Collate(pad_id, regression)
-        for i, trial in enumerate(logs):
-            scores = evaluate(TrialView(stack, i), spec, dev, gcfg.eval_batch_size, eval_collate, profile, device) if evaluated else None
-            trial.end_epoch(epoch, train_losses[i], trainer.scheduler.get_last_lr()[0], seconds, scores)
-    extra = {"mode": "side-by-side", "trials_together": len(seeds)}
-    return Group([t.result(time.perf_counter() - start, total_steps, **extra) for t in logs], stack)
+    run_epochs(trials, DevSets.of(spec, dev, pad_id, gcfg, profile), gcfg, f"{spec.name} {len(seeds)} trials side by side,")
+    seconds = time.perf_counter() - start
+    return Group([t.result(seconds, total_steps, "side-by-side", len(seeds)) for t in trials.logs], stack)

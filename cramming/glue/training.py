@@ -15,7 +15,6 @@ import math
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
@@ -27,6 +26,7 @@ from cramming.gpu import GpuProfile
 from cramming.optim import schedules
 from cramming.optim.groups import build_optimizer
 from cramming.optim.precision import autocast, grad_scaler
+from cramming.runs import GlueEpoch, GlueTrial
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +49,16 @@ def train_collate(pad_id: int, regression: bool, gcfg: GlueConfig, profile: GpuP
     return Collate(pad_id, regression, bucket_widths(gcfg.max_seq_len, gcfg.pad_buckets) if compiles(profile) else ())
 
 
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What a batch hands the model: every key but the labels (input_ids, attention_mask, and
+    token_type_ids for models that read them). Every forward pass of finetuning, one trial's, a stack's
+    and evaluation's, takes its inputs from here."""
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
 def logits_of(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The classifier's fp32 logits [B, num_labels] (a plain module's dict or a transformers output)."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    out = model(**model_inputs(batch))
     logits = out["logits"] if isinstance(out, dict) else getattr(out, "logits", out)
     return logits.float()
 
@@ -126,14 +133,14 @@ class TrialTrainer:
 
 @dataclass
 class TrialLog:
-    """One trial's record as the results file keeps it: per-epoch training loss, learning rate, time and
-    dev scores; the FINAL epoch's scores (never the best epoch's) and notes."""
+    """One trial's record while it trains: its epochs, the FINAL epoch's scores (never the best
+    epoch's) and notes; `result` is its entry in the results file."""
 
     seed: int
     label: str
     """How the log lines name the trial, e.g. 'rte trial 1/5 (seed 0)'."""
     epochs_total: int
-    epochs: list[dict[str, Any]] = field(default_factory=list)
+    epochs: list[GlueEpoch] = field(default_factory=list)
     final: dict[str, float] = field(default_factory=dict)
     eval_notes: list[str] = field(default_factory=list)
     """Notes of the latest evaluation (e.g. a constant prediction)."""
@@ -142,18 +149,18 @@ class TrialLog:
     def end_epoch(self, epoch: int, train_loss: float, lr: float, seconds: float,
                   scores: tuple[dict[str, float], list[str]] | None) -> None:
         """Record an epoch: its mean training loss, last LR, training time and (when evaluated) dev scores."""
-        record: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "lr": lr, "time_s": round(seconds, 3)}
+        record = GlueEpoch(epoch, train_loss, lr, round(seconds, 3))
         if scores is not None:
-            record["dev"], self.eval_notes = scores
-            self.final = record["dev"]
+            record.dev, self.eval_notes = scores
+            self.final = record.dev
         self.epochs.append(record)
-        shown = " ".join(f"{k} {v:.2f}" for k, v in record.get("dev", {}).items())
+        shown = " ".join(f"{k} {v:.2f}" for k, v in (record.dev or {}).items())
         log.info("%s epoch %d/%d: train_loss %.4f%s (%.1fs)", self.label, epoch, self.epochs_total, train_loss,
                  f" dev {shown}" if shown else "", seconds)
         if not math.isfinite(train_loss):
             self.loss_notes.append(f"non-finite training loss in epoch {epoch}")
 
-    def result(self, seconds: float, steps: int, **extra: Any) -> dict[str, Any]:
-        """The trial's entry in the results file."""
-        return {"seed": self.seed, "final": self.final, "epochs": self.epochs, "notes": [*self.eval_notes, *self.loss_notes],
-                "time_s": round(seconds, 3), "train_steps": steps, **extra}
+    def result(self, seconds: float, steps: int, mode: str, together: int | None = None) -> GlueTrial:
+        """The trial's entry in the results file; `together`: the size of its side-by-side group."""
+        return GlueTrial(self.seed, self.final, self.epochs, [*self.eval_notes, *self.loss_notes], round(seconds, 3),
+                         steps, mode, together)

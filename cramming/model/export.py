@@ -1,9 +1,10 @@
 """Exported model folders: safetensors weights + transformers-style config + tokenizer.
 
 A folder written by `save_pretrained` holds `model.safetensors`, `config.json`
-(`model_type: crammed-bert`), `tokenizer.json`, `tokenizer_config.json`, `special_tokens_map.json`
-and a two-line `modeling_crammed_bert.py` that re-exports the classes below from the installed
-`cramming` package, so `AutoModelForMaskedLM.from_pretrained(dir, trust_remote_code=True)` works.
+(`model_type: crammed-bert`), `tokenizer.json`, `tokenizer_config.json`, `special_tokens_map.json`,
+its model card `README.md` (cramming.card) and a two-line `modeling_crammed_bert.py` that re-exports
+the classes below from the installed `cramming` package, so
+`AutoModelForMaskedLM.from_pretrained(dir, trust_remote_code=True)` works.
 Importing `cramming.model` also registers the classes with transformers' Auto* factories, so
 `pipeline("fill-mask", model=dir)` works without remote code. Weights are read with safetensors
 only, never pickle.
@@ -34,6 +35,7 @@ from transformers import (
 from transformers import initialization as hf_init
 from transformers.modeling_outputs import MaskedLMOutput, SequenceClassifierOutput
 
+from cramming.card import CARD_NAME, render_card
 from cramming.errors import CheckpointError, ConfigError
 from cramming.model.bert import (
     CrammedBertForMLM,
@@ -139,6 +141,11 @@ class CrammedBertHFForMaskedLM(CrammedBertPreTrainedModel):
     expect; the loss is the same either way.
     """
 
+    # `Trainer` passes `num_items_in_batch` (the accumulated step's target count) only to models
+    # that declare they take loss kwargs; this one divides by it, so Trainer must not divide again.
+    # Declared here rather than through a catch-all `**kwargs`, which would hide mistyped inputs.
+    accepts_loss_kwargs = True
+
     def __init__(self, config: Any) -> None:
         super().__init__(config)
         core = CrammedBertForMLM(model_config_from(config))
@@ -154,7 +161,6 @@ class CrammedBertHFForMaskedLM(CrammedBertPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         num_items_in_batch: torch.Tensor | int | None = None,
-        **kwargs: Any,
     ) -> MaskedLMOutput:
         """input_ids [B, L]; labels [B, L] (-100 = not a target). Logits [N, V] (sparse) or [B, L, V].
 
@@ -176,7 +182,13 @@ class CrammedBertHFForMaskedLM(CrammedBertPreTrainedModel):
 
 
 class CrammedBertHFForSequenceClassification(CrammedBertPreTrainedModel):
-    """`CrammedBertForSequenceClassification` for transformers; `config.num_labels` outputs."""
+    """`CrammedBertForSequenceClassification` for transformers; `config.num_labels` outputs.
+
+    The loss is a mean over the batch's rows (cross-entropy, or MSE for one label). `forward` has
+    no `**kwargs` on purpose: `Trainer` reads a catch-all as "takes loss kwargs", then passes
+    `num_items_in_batch` and skips its own division by the gradient accumulation steps, which
+    this loss needs (transformers' regression and multi-label losses take no item count either).
+    """
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
@@ -190,7 +202,6 @@ class CrammedBertHFForSequenceClassification(CrammedBertPreTrainedModel):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        **kwargs: Any,
     ) -> SequenceClassifierOutput:
         # The plain module's forward reads only bert/pooler/dropout/classifier/num_labels.
         out = CrammedBertForSequenceClassification.forward(self, input_ids, attention_mask, labels)  # type: ignore[arg-type]
@@ -239,7 +250,8 @@ def save_pretrained(
     """Write an exported folder atomically (a temporary sibling folder, then a rename); returns it.
 
     `model` may be compiled or DDP-wrapped: the plain module's state dict is written, without
-    `_orig_mod.` prefixes. `extra_config` adds keys to config.json (e.g. training summary).
+    `_orig_mod.` prefixes. `extra_config` adds keys to config.json (e.g. training summary), which the
+    model card (README.md) renders.
     """
     module = unwrap(model)
     if not isinstance(module, (CrammedBertForMLM, CrammedBertForSequenceClassification)):
@@ -274,6 +286,8 @@ def save_pretrained(
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str) + "\n")
         _tokenizer_files(tmp, tokenizer_file, module.config.max_seq_len)
         (tmp / MODELING_NAME).write_text(_MODELING_SHIM)
+        parameters = sum(p.numel() for p in module.parameters())
+        (tmp / CARD_NAME).write_text(render_card(config, parameters, model_id=str(out)), encoding="utf-8")
         if out.exists():  # replace an older export: move it aside first so a crash leaves one intact
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(old)

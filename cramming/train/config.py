@@ -8,9 +8,11 @@ the same way. Choices come from the `Literal` types of the modules that implemen
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import get_args
 
 from cramming.checks import validate
 from cramming.optim.schedules import LrSchedule
+from cramming.trackers import TrackerName
 
 
 @dataclass
@@ -117,8 +119,9 @@ class TrainConfig:
     that train with different rates (the loss depends on how much context is masked)."""
     shuffle: bool = False
     """Shuffle the training rows each epoch; off keeps the prepared order (the prevalence sort)."""
-    tensorboard: bool = False
-    """Also write TensorBoard scalars to <run_dir>/tb (needs the tensorboard package)."""
+    report_to: list[TrackerName] = field(default_factory=list)
+    """Experiment trackers that also receive the config, every metrics record and the summary:
+    tensorboard (<run_dir>/tb), wandb, mlflow (cramming.trackers); [] = the run folder's files only."""
     compile_fallback: bool = True
     """If torch.compile fails on the first batch, continue in eager mode instead of stopping."""
     prepare_data: bool = True
@@ -151,4 +154,6 @@ class TrainConfig:
              "eval_interval_minutes must be >= 0 or null"),
             (self.eval_batches >= 1, "eval_batches must be >= 1"),
             (self.eval_mask_rate is None or 0 < self.eval_mask_rate < 1, "eval_mask_rate must be in (0, 1) or null"),
+            (set(self.report_to) <= set(get_args(TrackerName)),
+             f"report_to={self.report_to} may name only: {', '.join(get_args(TrackerName))}"),
         ])

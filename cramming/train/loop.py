@@ -33,6 +33,7 @@ import torch
 from omegaconf import OmegaConf
 
 from cramming import faults
+from cramming.card import provenance
 from cramming.config import BudgetSpec, format_duration
 from cramming.errors import ConfigError
 from cramming.gpu import GpuProfile
@@ -43,6 +44,7 @@ from cramming.optim.batch_plan import BatchPlan
 from cramming.optim.groups import build_optimizer
 from cramming.optim.precision import autocast, grad_scaler
 from cramming.runs import RunLock
+from cramming.trackers import open_trackers
 from cramming.train import distributed as dist_utils
 from cramming.train.budget import Budget
 from cramming.train.config import TrainConfig
@@ -55,6 +57,7 @@ from cramming.train.inputs import (
     open_data,
     probe_batch,
 )
+from cramming.train.microbatch import resolve_micro_batch, with_micro_batch
 from cramming.train.runlog import RunLog
 from cramming.train.signals import StopSignals
 from cramming.train.state import TrainState, restore, save
@@ -188,6 +191,10 @@ def pretrain(
         with contextlib.ExitStack() as stack:
             if info.is_main:
                 stack.enter_context(RunLock(run_dir))
+            # Opened before setup, so that a tracker that cannot start (a bad URI, say) stops the run
+            # before its setup is spent; closed last, with the run's status.
+            trackers = stack.enter_context(open_trackers(train.report_to if info.is_main else [], run_dir,
+                                                         stage="pretrain", resumed=resume))
             s, state = setup(train, arch, gpu, data_dir, run_dir, info, run_budget, seed=seed, resume=resume,
                              config_text=config_text)
             signals = stack.enter_context(StopSignals())
@@ -195,8 +202,8 @@ def pretrain(
                 s.data.train, s.micro, s.data.masker, shuffle=train.shuffle, seed=seed, num_workers=gpu.num_workers,
                 rank=info.rank, world_size=info.world_size, start=state.micro_index,
                 pin_memory=s.device.type == "cuda"))
-            runlog = stack.enter_context(RunLog(run_dir, info.is_main, train.tensorboard, run_budget, s.device,
-                                                state.step if resume else None, s.mfu_per_token))
+            runlog = stack.enter_context(RunLog(run_dir, info.is_main, trackers, run_budget, s.device,
+                                                state.step if resume else None, s.mfu_per_token, s.config_text))
             last_eval = start(s, state, runlog)
             passes = _data_passes(s)
             stop = train_steps(s, state, batches, runlog, signals, passes, last_eval)
@@ -258,6 +265,9 @@ def setup(train: TrainConfig, arch: bert.ModelConfig, gpu: GpuProfile, data_dir:
     if info.enabled:
         model = torch.nn.parallel.DistributedDataParallel(raw, device_ids=[device] if device.type == "cuda" else None)
     no_sync = model.no_sync if info.enabled else contextlib.nullcontext
+    if gpu.micro_batch_size == "auto":  # probed (or cached) now; saved as a number, so a resume keeps it
+        gpu = resolve_micro_batch(gpu, raw, optimizer, data, arch, info, train.target_batch_size)
+        config_text = with_micro_batch(config_text, gpu.micro_batch_size)
     plan = _batch_plan(train, gpu, info.world_size)
     sample = probe_batch(manifest, data.masker, plan.micro, seq_len)
     fwd, compile_path = _probe(model, raw, sample, device, gpu.precision, gpu.compile, train.compile_fallback,
@@ -278,11 +288,10 @@ def setup(train: TrainConfig, arch: bert.ModelConfig, gpu: GpuProfile, data_dir:
 def _batch_plan(train: TrainConfig, gpu: GpuProfile, world_size: int) -> BatchPlan:
     """The run's batch plan: train.target_batch_size (capped by the profile's max_target_batch_size)
     in whole micro-batches x ranks, said when it differs from what was asked."""
-    wanted = train.target_batch_size
-    if gpu.max_target_batch_size and wanted > gpu.max_target_batch_size:
+    wanted = gpu.capped_target(train.target_batch_size)
+    if wanted < train.target_batch_size:
         log.info("target batch capped at %d sequences by gpu=%s (train.target_batch_size=%d; "
-                 "gpu.max_target_batch_size=null lifts the cap)", gpu.max_target_batch_size, gpu.name, wanted)
-        wanted = gpu.max_target_batch_size
+                 "gpu.max_target_batch_size=null lifts the cap)", wanted, gpu.name, train.target_batch_size)
     micro = gpu.micro_batch_size
     plan = BatchPlan.build(wanted, micro, world_size, train.ramp_fraction, train.final_batch_size,
                            train.final_batch_fraction)
@@ -697,5 +706,6 @@ def _summary(s: Setup, state: TrainState, passes: DataPasses, final_loss: float 
 
 def _export(s: Setup, final: Path, summary: dict[str, Any]) -> None:
     """Write `final` (a transformers-style folder; save_pretrained replaces an earlier one atomically)."""
+    facts = provenance(s.data.manifest, s.run_dir, s.plan.micro, s.plan.target, s.budget.elapsed())  # for its card
     save_pretrained(s.raw, final, s.data_dir / s.data.manifest["tokenizer"],
-                    extra_config={"cramming_training": {**summary, "train": dataclasses.asdict(s.train)}})
+                    extra_config={"cramming_training": {**summary, "train": dataclasses.asdict(s.train), **facts}})

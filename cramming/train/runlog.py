@@ -1,5 +1,6 @@
-"""What pretraining writes about itself into the run folder: the metrics log (and TensorBoard), the
-progress bar, the summary and the loss plot. The files' formats are cramming.runs'."""
+"""What pretraining writes about itself into the run folder: the metrics log, the progress bar, the
+summary and the loss plot, each record and the summary also going to the run's experiment trackers
+(train.report_to, cramming.trackers). The files' formats are cramming.runs'."""
 
 from __future__ import annotations
 
@@ -13,21 +14,13 @@ import torch
 
 from cramming import runs
 from cramming.config import format_duration
+from cramming.trackers import Trackers
 from cramming.train.budget import Budget
 from cramming.train.state import TrainState
 
 log = logging.getLogger(__name__)
 
 LOSS_PLOT = "loss.png"
-
-
-def _tensorboard(run_dir: Path) -> Any:
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        log.warning("train.tensorboard=true but the tensorboard package is not installed; skipping it")
-        return None
-    return SummaryWriter(str(run_dir / "tb"))
 
 
 def _progress_bar(enabled: bool) -> Any:
@@ -38,20 +31,26 @@ def _progress_bar(enabled: bool) -> Any:
 
 
 class RunLog:
-    """Metrics log (and TensorBoard) records and the progress bar of the main process, as a `with` block.
+    """Metrics log records (also sent to the trackers) and the progress bar of the main process, as a
+    `with` block.
 
     Step losses stay on the device until a log step: `log_step` is the only place training
-    losses reach the host. On ranks other than the main one every method is a no-op.
+    losses reach the host. On ranks other than the main one every method is a no-op. The trackers are
+    opened (and closed) by the caller; this logs the resolved config to them once, here.
     """
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, budget: Budget, device: torch.device,
-                 resumed_at: int | None, mfu_per_token: float | None) -> None:
+    def __init__(self, run_dir: Path, enabled: bool, trackers: Trackers, budget: Budget, device: torch.device,
+                 resumed_at: int | None, mfu_per_token: float | None, config_text: str | None = None) -> None:
         self.enabled, self.budget, self.mfu_per_token = enabled, budget, mfu_per_token
         self.run_dir = run_dir
         # A resumed run's records after its checkpoint describe steps that will be redone: the
         # writer drops them so that the resumed log reads as one run.
         self.metrics = runs.MetricsWriter(run_dir, resumed_at) if enabled else None
-        self.tb = _tensorboard(run_dir) if (tensorboard and enabled) else None
+        self.trackers = trackers
+        if enabled and trackers and config_text is not None:
+            import yaml
+
+            trackers.log_config(yaml.safe_load(config_text))
         self.bar = _progress_bar(enabled)
         self.loss = torch.zeros((), device=device)  # sum of finite step losses since the last record
         self.steps = self.tokens = 0
@@ -74,10 +73,8 @@ class RunLog:
     def record(self, entry: dict[str, Any]) -> None:
         if self.metrics is not None:
             self.metrics.write(entry)
-        if self.tb is not None:
-            for key, value in entry.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self.tb.add_scalar(key, value, entry["step"])
+        if self.trackers:
+            self.trackers.log(entry, entry["step"])
 
     def add_step(self, loss: torch.Tensor | None, tokens: int) -> None:
         """Count one optimizer step's tokens, and its loss when it was finite (None: skipped)."""
@@ -133,10 +130,12 @@ class RunLog:
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         runs.write_summary(self.run_dir, summary)
+        self.trackers.log_summary(summary)
 
     def plot(self) -> None:
-        """loss.png: the training and held-out loss over the budget's wall-clock minutes."""
-        plot_loss(runs.read_metrics(self.run_dir), self.run_dir / LOSS_PLOT)
+        """loss.png: the training and held-out loss over the budget's wall-clock time, with the start of
+        each new data pass marked (the same plot as `cram report`'s)."""
+        runs.plot_loss([(self.run_dir.name, runs.read_metrics(self.run_dir))], self.run_dir / LOSS_PLOT)
 
     def close_bar(self) -> None:
         """End the progress bar (before the final phase, which has no progress to show)."""
@@ -147,28 +146,4 @@ class RunLog:
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None
-        if self.tb is not None:
-            self.tb.close()
-            self.tb = None
 
-
-def plot_loss(metrics: runs.Metrics, path: Path) -> None:
-    """Plot the training and held-out losses of a run's metrics log into the image `path`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [r for r in metrics.records if r.get("loss") is not None]
-    evals = metrics.evals
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["elapsed_s"] / 60 for r in train], [r["loss"] for r in train], label="train MLM loss")
-    if evals:
-        ax.plot([r["elapsed_s"] / 60 for r in evals], [r["val_loss"] for r in evals], "o-", label="held-out MLM loss")
-    ax.set_xlabel("wall-clock minutes (budget)")
-    ax.set_ylabel("loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

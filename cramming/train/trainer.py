@@ -20,6 +20,7 @@ from cramming.config import BudgetSpec, config_hash, parse_budget, resolve_paths
 from cramming.errors import CrammingError
 from cramming.gpu import GpuProfile, resolve_gpu
 from cramming.model.bert import ModelConfig
+from cramming.trackers import require_installed
 from cramming.train.checkpoint import latest_checkpoint, verify_checkpoint
 from cramming.train.config import TrainConfig
 from cramming.train.loop import Interrupted, pretrain
@@ -66,7 +67,9 @@ def load_job(cfg: DictConfig) -> PretrainJob:
 
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         resume = False
-    return PretrainJob(cfg=cfg, run_dir=run_dir, resume=resume, train=to_dataclass(TrainConfig, cfg.train, "train"),
+    train = to_dataclass(TrainConfig, cfg.train, "train")
+    require_installed(train.report_to)  # a missing tracker stops the run now, not after data preparation
+    return PretrainJob(cfg=cfg, run_dir=run_dir, resume=resume, train=train,
                        arch=to_dataclass(ModelConfig, cfg.arch, "arch"), gpu=resolve_gpu(cfg.gpu),
                        budget=parse_budget(cfg.budget), seed=int(cfg.seed), config_text=OmegaConf.to_yaml(cfg, resolve=True))
 
@@ -80,7 +83,8 @@ def upgrade_saved_config(saved: DictConfig) -> DictConfig:
     the recipe's default, 4096, which every GPU profile's target rounds to (the cpu profile's was
     256). The one flag train.decay_norms_biases_embeddings becomes train.decay_embeddings and
     train.decay_norms_biases with its value (runs saved before those keys exempted the embeddings),
-    and a train.seed that was set becomes the top-level `seed`. Changes `saved` in place and returns it."""
+    and a train.seed that was set becomes the top-level `seed`; train.tensorboard=true becomes
+    train.report_to=[tensorboard]. Changes `saved` in place and returns it."""
     train, gpu = saved.get("train"), saved.get("gpu")
     if train is None:
         return saved
@@ -102,6 +106,9 @@ def upgrade_saved_config(saved: DictConfig) -> DictConfig:
         train_seed = train.pop("seed")
         if train_seed is not None:
             saved.seed = train_seed
+    if "tensorboard" in train:
+        tensorboard = bool(train.pop("tensorboard"))
+        train.report_to = ["tensorboard"] if tensorboard else []
     return saved
 
 
