@@ -15,13 +15,10 @@ from pathlib import Path
 import pytest
 from huggingface_hub import ModelCard
 from test_report import make_glue_run, make_pretrain_run
-from test_train_loop import tiny_arch, tiny_data, train_cfg
+from test_train_loop import tiny_run
 
 from cramming import card, report
-from cramming.config import parse_budget
 from cramming.errors import CrammingError
-from cramming.gpu import GpuProfile
-from cramming.train.loop import pretrain
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[1]
@@ -31,9 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 def run(tmp_path_factory) -> Path:
     """A tiny pretraining run (Python API), with its export in final/."""
     root = tmp_path_factory.mktemp("card")
-    pretrain(train_cfg(), tiny_arch(), GpuProfile(name="cpu", micro_batch_size=16, num_workers=0),
-             tiny_data(root / "data"), root / "run", budget=parse_budget("3steps"))
-    return root / "run"
+    return tiny_run(root)
 
 
 def test_export_card_parses_and_states_the_run(run) -> None:

@@ -13,12 +13,9 @@ import pytest
 import torch
 from huggingface_hub import CommitOperationAdd, ModelCard
 from safetensors.torch import load_file
-from test_train_loop import tiny_arch, tiny_data, train_cfg
+from test_train_loop import tiny_run
 
 from cramming import card, hub
-from cramming.config import parse_budget
-from cramming.gpu import GpuProfile
-from cramming.train.loop import pretrain
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO_ID = "someone/crammed-tiny"
@@ -28,9 +25,7 @@ CHECKPOINTS = ["step-00000000", "step-00000003"]  # the start-of-run checkpoint 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("push")
-    pretrain(train_cfg(), tiny_arch(), GpuProfile(name="cpu", micro_batch_size=16, num_workers=0),
-             tiny_data(root / "data"), root / "run", budget=parse_budget("3steps"))
-    return root / "run"
+    return tiny_run(root)
 
 
 class FakeApi:

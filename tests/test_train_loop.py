@@ -56,6 +56,12 @@ def train_cfg(**overrides) -> TrainConfig:
     return TrainConfig(**{**base, **overrides})
 
 
+def tiny_run(root: Path, steps: int = 3) -> Path:
+    """A finished tiny pretraining run (Python API) in root/run, its export in final/."""
+    pretrain(train_cfg(), tiny_arch(), GPU, tiny_data(root / "data"), root / "run", budget=parse_budget(f"{steps}steps"))
+    return root / "run"
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     return tiny_data(tmp_path_factory.mktemp("data"))
