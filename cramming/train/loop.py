@@ -508,7 +508,8 @@ def train_steps(s: Setup, state: TrainState, batches: TrainBatches, runlog: RunL
             warned = _warn_few_steps(s, state, clock)  # a time budget: from the pace of the first 10%
         step = planned
         started = time.monotonic()
-        optimizer_step(s, state, batches, runlog, step)
+        with dist_utils.guard(s.info, "a training step"):  # DDP's gradient all-reduce: a lost rank is named
+            optimizer_step(s, state, batches, runlog, step)
         pace.observe(time.monotonic() - started, step.accum, state.step)
         faults.trace("step", step=state.step, accum=step.accum, micro_index=state.micro_index, tokens=state.tokens,
                      lr=step.lr)

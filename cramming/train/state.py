@@ -4,6 +4,10 @@
 states it is everything needed to continue a run as if it had not stopped (the data position is
 `micro_index`, the schedules follow from `elapsed_s`, `tokens` and `step`). On disk the counters
 are the plain dict `state.pt["counters"]` (cramming.train.checkpoint writes the files atomically).
+
+The RNG states are per rank (`state.pt["rng"]`, a list indexed by rank): each rank draws its own
+random choices (random-LTD's kept tokens), and a resume must give each rank back its own, not
+rank 0's to all of them, which would make every rank choose alike from then on.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from cramming.config import format_duration
 from cramming.errors import CheckpointError, CrammingError
 from cramming.train.budget import Budget
 from cramming.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from cramming.train.distributed import DistInfo, gather_objects
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +54,8 @@ class TrainState:
     """Budget seconds at the latest interval checkpoint."""
     last_eval_s: float = 0.0
     """Budget seconds at the latest held-out evaluation."""
+    last_eval_progress: float = 0.0
+    """The budget's progress at the latest held-out evaluation (train.eval_fraction counts from it)."""
 
     def counters(self) -> dict[str, Any]:
         """The on-disk form: a plain dict of ints and floats."""
@@ -77,17 +84,45 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _restore_rng(saved: dict[str, Any] | list[dict[str, Any]], rank: int, ckpt: Path) -> None:
+    """Give this rank its own saved RNG states.
+
+    A checkpoint of an older version holds one dict (rank 0's), and one of a job with fewer ranks
+    holds fewer states than there are ranks now: a rank without its own draws new states, seeded
+    from a saved rank's and its own rank number, so that the ranks still choose differently from
+    each other and a repeated resume chooses as the first did.
+    """
+    states = saved if isinstance(saved, list) else [saved]
+    if rank < len(states):
+        _set_rng_state(states[rank])
+        return
+    base = rank % len(states)
+    log.warning("%s holds the random states of %d rank(s): rank %d draws new ones, seeded from rank %d's and its "
+                "rank, so its random choices do not continue the saved run's", ckpt, len(states), rank, base)
+    _set_rng_state(states[base])
+    seed = int(torch.randint(2**62, ())) + rank
+    torch.manual_seed(seed)  # CUDA devices too
+    random.seed(seed)
+
+
 def save(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-         state: TrainState, config_text: str, keep: int, world_size: int) -> None:
-    """Write a resume checkpoint of `model` (the un-compiled module) and everything else it needs."""
+         state: TrainState, config_text: str, keep: int, info: DistInfo) -> None:
+    """Write a resume checkpoint of `model` (the un-compiled module) and everything else it needs.
+
+    Every rank calls this: the ranks' RNG states are gathered, and rank 0 writes them with the rest.
+    """
+    rng = gather_objects(info, _rng_state())
+    if not info.is_main:
+        return
     saved = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "counters": state.counters(),
-             "rng": _rng_state(), "world_size": world_size}
+             "rng": rng, "world_size": info.world_size}
     save_checkpoint(run_dir, model, saved, config_text, state.step, keep=keep)
 
 
 def restore(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-            budget: Budget) -> TrainState:
-    """Load the newest checkpoint of `run_dir` into model, optimizer, scaler, RNGs and budget; returns its counters."""
+            budget: Budget, rank: int) -> TrainState:
+    """Load the newest checkpoint of `run_dir` into model, optimizer, scaler, this rank's RNGs and budget;
+    returns its counters."""
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         raise CrammingError(f"resume: {run_dir} has no complete checkpoint under {run_dir / 'checkpoints'}")
@@ -95,7 +130,7 @@ def restore(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
     optimizer.load_state_dict(saved["optimizer"])
     scaler.load_state_dict(saved["scaler"])
     state = TrainState.from_counters(saved["counters"], ckpt)
-    _set_rng_state(saved["rng"])
+    _restore_rng(saved["rng"], rank, ckpt)
     budget.elapsed_offset = state.elapsed_s
     budget.note_final_cost(state.final_cost_s)
     log.warning("resuming %s from %s: step %d, %s of budget used", run_dir, ckpt.name, state.step,
