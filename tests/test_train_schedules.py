@@ -232,7 +232,7 @@ def _simulate(budget_text: str, train: TrainConfig, per_micro_s: float, *, micro
     s = SimpleNamespace(budget=budget, plan=plan, seq_len=seq_len, train=train, arch=arch, planned=planned,
                         planned_layer_tokens=loop._planned_layer_tokens(train, arch, budget, plan, planned, seq_len))
     state, pace, steps = TrainState(), loop.Pace(0), []
-    while (step := loop.plan_step(s, state, loop.Clock(budget.elapsed(), 0, pace.per_micro_s))) is not None:
+    while (step := loop.plan_step(s, state, loop.Clock(budget.elapsed(), 0, pace.per_micro_s, 0.0))) is not None:
         clock.now += step.accum * per_micro_s
         state.step += 1
         state.tokens += step.sequences * seq_len
