@@ -4,10 +4,14 @@ Every backend takes `q, k, v` of shape [B, H, L, D], an optional boolean key mas
 [B, H, L, L] (True = attend; finetuning pads, packed pretraining rows need none), the dropout
 probability and whether the module is training, and returns [B, H, L, D]. `eager` is the
 numerical reference; the others must agree with it within floating-point tolerance.
+
+Unpadded batches (packed real tokens, `unpadding.py`) go through `varlen_attention`, which runs
+flash-attn's variable-length kernel where it can and otherwise hands a backend the padded grid.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from typing import Literal
 
@@ -15,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from cramming.errors import ConfigError
+from cramming.model.unpadding import Rows, Unpadded
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", float, bool], torch.Tensor]
 
@@ -77,6 +82,48 @@ def flash_attention(
     # flash-attn wants [B, L, H, D].
     out = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p if training else 0.0)
     return out.transpose(1, 2)
+
+
+# Looked up once, without importing it (which starts CUDA): a failed import inside a compiled
+# forward would be a graph break in every layer.
+_FLASH_INSTALLED = importlib.util.find_spec("flash_attn") is not None
+
+
+def _flash_varlen(q: torch.Tensor, backend: AttentionFn) -> Callable | None:
+    """flash-attn's variable-length kernel where it is installed and runs on q (CUDA, fp16/bf16), unless
+    the reference `eager` was asked for; else None."""
+    if not _FLASH_INSTALLED or backend is eager_attention or q.device.type != "cuda":
+        return None
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    from flash_attn import flash_attn_varlen_func  # type: ignore[import-not-found]
+
+    return flash_attn_varlen_func
+
+
+def varlen_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Unpadded, queries: Rows | None,
+    dropout_p: float, training: bool, backend: AttentionFn,
+) -> torch.Tensor:
+    """Attention within each sequence of packed tokens: q [N, nh, D] for `queries` (None: every token),
+    k, v [T, nh, D] for the batch's tokens -> [N, nh, D].
+
+    flash-attn's variable-length kernel where it runs (`_flash_varlen`). Otherwise the rows go back to
+    their places in the padded grid for `backend`, with the key mask: the padded path's own attention,
+    dropout draws included. On a 2-core CPU that was also the fastest of the options measured
+    (forward + backward, batch 16, 12 heads of 64; lengths like CoLA's / MRPC's): this grid 3.4 / 15 ms,
+    a loop over sequences 7.6 / 22 ms, a block-diagonal mask over the packed tokens 7.5 / 94 ms, torch's
+    jagged nested tensors with SDPA 17 / 47 ms.
+    """
+    queries = queries or batch.tokens
+    flash = _flash_varlen(q, backend)
+    if flash is not None:
+        keys = batch.tokens
+        return flash(q, k, v, queries.cu_seqlens, keys.cu_seqlens, queries.max_len, keys.max_len,
+                     dropout_p=dropout_p if training else 0.0)
+    grid = [batch.pad(t, rows).transpose(1, 2) for t, rows in ((q, queries), (k, None), (v, None))]  # [B, nh, L, D]
+    out = backend(*grid, batch.mask, dropout_p, training)  # [B, nh, L, D]
+    return out.transpose(1, 2).flatten(0, 1).index_select(0, queries.index)  # [N, nh, D]
 
 
 BACKENDS: dict[str, AttentionFn] = {

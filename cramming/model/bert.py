@@ -10,6 +10,7 @@ original BERT is an option, for the paper's ablations. Knows nothing of Hydra.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -21,7 +22,8 @@ from torch import nn
 from cramming.checks import validate
 from cramming.errors import ConfigError
 from cramming.model import random_ltd
-from cramming.model.attention import AttentionBackend, get_backend
+from cramming.model.attention import AttentionBackend, get_backend, varlen_attention
+from cramming.model.unpadding import Rows, Unpadded, unpad
 
 
 @dataclass
@@ -140,18 +142,20 @@ class Embeddings(nn.Module):
         self.norm = make_norm(config) if config.embedding_norm else nn.Identity()
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        length = input_ids.shape[1]
-        x = self.word_embeddings(input_ids)  # [B, L, H]
+    def forward(self, input_ids: torch.Tensor, batch: Unpadded | None = None) -> torch.Tensor:
+        """input_ids [B, L] -> [B, L, H]; or the packed real tokens [T] of `batch` -> [T, H]."""
+        x = self.word_embeddings(input_ids)
+        positions = slice(0, input_ids.shape[1]) if batch is None else batch.positions
         if self.position_kind == "learned":
-            x = x + self.position_embeddings.weight[:length]
+            x = x + self.position_embeddings.weight[positions]
         elif self.position_kind == "sinusoidal":
-            x = x + self.sinusoid[:length]
+            x = x + self.sinusoid[positions]
         elif self.position_kind == "scaled-sinusoidal":
-            x = x + self.position_scale * self.sinusoid[:length]
+            x = x + self.position_scale * self.sinusoid[positions]
         if hasattr(self, "token_type_embeddings"):
             x = x + self.token_type_embeddings.weight[0]
-        return self.dropout(self.norm(x))
+        x = self.norm(x)
+        return self.dropout(x) if batch is None else batch.dropout(x, self.dropout.p, self.training)
 
 
 class Rotary(nn.Module):
@@ -168,6 +172,10 @@ class Rotary(nn.Module):
 
     def forward(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cos[None, None, :length], self.sin[None, None, :length]  # [1, 1, L, D] each
+
+    def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tables at each packed token's position [T] -> [T, 1, D] each (broadcast over heads)."""
+        return self.cos[positions, None], self.sin[positions, None]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -187,28 +195,45 @@ class Attention(nn.Module):
         self.backend = get_backend(config.attention_backend)
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None, rope: tuple | None, query_idx: torch.Tensor | None = None
+        self, x: torch.Tensor, mask: torch.Tensor | Unpadded | None, rope: tuple | None,
+        query_idx: torch.Tensor | Rows | None = None,
     ) -> torch.Tensor:
-        """x [B, L, H] -> [B, L, H], or [B, K, H] for only the queries at `query_idx` [B, K]."""
-        batch, length, hidden = x.shape
-        heads, head_dim = self.num_heads, hidden // self.num_heads
-        if query_idx is None:
-            qkv = self.qkv(x).view(batch, length, 3, heads, head_dim)
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, nh, L, D]
-            q_rope = rope
-        else:
-            # Keys and values from every token, queries only where outputs are wanted: the same
-            # weight split as the fused projection, so results equal the full layer's at those rows.
-            weight, bias = self.qkv.weight, self.qkv.bias
-            q = F.linear(random_ltd.gather(x, query_idx), weight[:hidden], None if bias is None else bias[:hidden])
-            q = q.view(batch, -1, heads, head_dim).transpose(1, 2)  # [B, nh, K, D]
-            kv = F.linear(x, weight[hidden:], None if bias is None else bias[hidden:])
-            k, v = kv.view(batch, length, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # 2 x [B, nh, L, D]
-            q_rope = None if rope is None else random_ltd.gather_rope(rope, query_idx, batch)
+        """x [B, L, H] -> [B, L, H], or [B, K, H] for only the queries at `query_idx` [B, K].
+
+        Unpadded (`mask` is the batch's layout): packed tokens x [T, H] -> [T, H], or [N, H] for the
+        `query_idx` rows only; `rope` is then the tables at each token's position, [T, 1, D] each.
+        """
+        if isinstance(mask, Unpadded):
+            return self._packed(x, mask, rope, query_idx)
+        batch = x.shape[0]
+        q, k, v = self._project(x, None if query_idx is None else random_ltd.gather(x, query_idx))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, nh, L or K, D]
         if rope is not None:
+            q_rope = rope if query_idx is None else random_ltd.gather_rope(rope, query_idx, batch)
             q, k = apply_rotary(q, *q_rope), apply_rotary(k, *rope)
         out = self.backend(q, k, v, mask, self.dropout, self.training)  # [B, nh, L or K, D]
-        return self.out(out.transpose(1, 2).reshape(batch, -1, hidden))
+        return self.out(out.transpose(1, 2).flatten(2))
+
+    def _packed(self, x: torch.Tensor, batch: Unpadded, rope: tuple | None, queries: Rows | None) -> torch.Tensor:
+        q, k, v = self._project(x, None if queries is None else x.index_select(0, queries.packed))  # [T or N, nh, D]
+        if rope is not None:
+            q_rope = rope if queries is None else tuple(r.index_select(0, queries.packed) for r in rope)
+            q, k = apply_rotary(q, *q_rope), apply_rotary(k, *rope)
+        out = varlen_attention(q, k, v, batch, queries, self.dropout, self.training, self.backend)
+        return self.out(out.flatten(1))
+
+    def _project(self, x: torch.Tensor, query_x: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """q, k, v [..., nh, D] from x [..., H]; with `query_x`, q from those rows only."""
+        hidden = x.shape[-1]
+        heads = (self.num_heads, hidden // self.num_heads)
+        if query_x is None:
+            return self.qkv(x).unflatten(-1, (3, *heads)).unbind(-3)
+        # Keys and values from every token, queries only where outputs are wanted: the same weight
+        # split as the fused projection, so results equal the full layer's at those rows.
+        weight, bias = self.qkv.weight, self.qkv.bias
+        q = F.linear(query_x, weight[:hidden], None if bias is None else bias[:hidden]).unflatten(-1, heads)
+        kv = F.linear(x, weight[hidden:], None if bias is None else bias[hidden:])
+        return q, *kv.unflatten(-1, (2, *heads)).unbind(-3)
 
 
 class FeedForward(nn.Module):
@@ -241,18 +266,26 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None, rope: tuple | None = None,
-        query_idx: torch.Tensor | None = None,
+        self, x: torch.Tensor, mask: torch.Tensor | Unpadded | None = None, rope: tuple | None = None,
+        query_idx: torch.Tensor | Rows | None = None,
     ) -> torch.Tensor:
-        """x [B, L, H] -> [B, L, H]; with `query_idx` [B, K], only those rows' outputs: [B, K, H]."""
+        """x [B, L, H] -> [B, L, H]; with `query_idx` [B, K], only those rows' outputs: [B, K, H].
+
+        Unpadded (`mask` is the batch's layout): packed x [T, H] -> [T, H], or [N, H] for the Rows `query_idx`.
+        """
         # Every sub-layer but attention's keys and values is per token, so rows nobody reads
         # (unmasked positions after the last block) need no residual, norm or feed-forward work.
-        rows = x if query_idx is None else random_ltd.gather(x, query_idx)
+        if isinstance(mask, Unpadded):
+            rows = x if query_idx is None else x.index_select(0, query_idx.packed)
+            drop = functools.partial(mask.dropout, p=self.dropout.p, training=self.training, rows=query_idx)
+        else:
+            rows = x if query_idx is None else random_ltd.gather(x, query_idx)
+            drop = self.dropout
         if self.pre_norm:
-            rows = rows + self.dropout(self.attn(self.norm1(x), mask, rope, query_idx))
-            return rows + self.dropout(self.ffn(self.norm2(rows)))
-        rows = self.norm1(rows + self.dropout(self.attn(x, mask, rope, query_idx)))
-        return self.norm2(rows + self.dropout(self.ffn(rows)))
+            rows = rows + drop(self.attn(self.norm1(x), mask, rope, query_idx))
+            return rows + drop(self.ffn(self.norm2(rows)))
+        rows = self.norm1(rows + drop(self.attn(x, mask, rope, query_idx)))
+        return self.norm2(rows + drop(self.ffn(rows)))
 
 
 class Encoder(nn.Module):
@@ -264,6 +297,12 @@ class Encoder(nn.Module):
         self.rotary = Rotary(config) if config.position == "rotary" else None
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.final_norm = make_norm(config) if config.final_norm else nn.Identity()
+        self.unpadded = False
+        """Run batches with an attention mask on their real tokens only (`use_unpadding`)."""
+
+    def use_unpadding(self, enabled: bool = True) -> None:
+        """Given an attention mask, compute on the real tokens only: see `_forward_unpadded`."""
+        self.unpadded = enabled
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, keep_tokens: int | None = None,
@@ -275,11 +314,15 @@ class Encoder(nn.Module):
         come from every token), which gives the same values as gathering them from the full output.
         """
         length = input_ids.shape[1]
+        drop = self.training and keep_tokens is not None and keep_tokens < length
+        if self.unpadded and attention_mask is not None:
+            if drop:
+                raise ValueError("random-LTD (keep_tokens) drops positions of the padded batch; turn unpadding off")
+            return self._forward_unpadded(input_ids, attention_mask, output_positions)
         x = self.embeddings(input_ids)
         # [B, L] with 1 = real token -> a boolean key mask [B, 1, 1, L] broadcast over heads and queries.
         mask = None if attention_mask is None else attention_mask[:, None, None, :].bool()
         rope = self.rotary(length) if self.rotary is not None else None
-        drop = self.training and keep_tokens is not None and keep_tokens < length
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             if drop and 0 < i < last:
@@ -287,6 +330,24 @@ class Encoder(nn.Module):
             else:
                 x = layer(x, mask, rope, output_positions if i == last else None)
         return self.final_norm(x)
+
+    def _forward_unpadded(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, output_positions: torch.Tensor | None
+    ) -> torch.Tensor:
+        """`forward` on the real tokens only: the same values at real positions (zeros at padding).
+
+        Embeddings, projections, feed-forward, norms and residuals run on the packed tokens [T, H];
+        attention places them by sequence (`varlen_attention`). Dropout draws the padded path's masks.
+        """
+        batch = unpad(attention_mask)
+        x = self.embeddings(batch.pack(input_ids), batch)  # [T, H]
+        rope = self.rotary.at(batch.positions) if self.rotary is not None else None
+        queries = None if output_positions is None else batch.rows(output_positions)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x = layer(x, batch, rope, queries if i == last else None)
+        x = self.final_norm(x)  # [T, H], or [B * K, H] at the output positions
+        return batch.pad(x) if queries is None else x.view(*output_positions.shape, -1)
 
 
 def init_weights(module: nn.Module, std: float) -> None:
@@ -400,10 +461,21 @@ class CrammedBertForSequenceClassification(nn.Module):
         self.classifier = nn.Linear(config.hidden_size, num_labels)
         init_weights(self, config.init_std)
 
+    def use_unpadding(self, enabled: bool = True) -> None:
+        """Skip the padding of batches that come with an attention mask: same outputs and gradients.
+
+        Token-wise work runs on the real tokens only, the last block on [CLS] only. For eager steps: the
+        token count is a data-dependent shape, so torch.compile breaks the graph where the layout is
+        built (and with dynamic=False compiles again for each new count), and vmap rejects it.
+        """
+        self.bert.use_unpadding(enabled)
+
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor | None]:
-        hidden = self.bert(input_ids, attention_mask)  # random-LTD is never used in finetuning
+        # Only [CLS] is pooled: unpadded, the last block computes that row alone (Encoder.forward).
+        cls = input_ids.new_zeros(input_ids.shape[0], 1) if self.bert.unpadded else None
+        hidden = self.bert(input_ids, attention_mask, output_positions=cls)  # random-LTD is never used in finetuning
         pooled = torch.tanh(self.pooler(hidden[:, 0]))  # [B, H]
         logits = self.classifier(self.dropout(pooled))  # [B, num_labels]
         loss = None
