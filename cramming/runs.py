@@ -385,6 +385,8 @@ class GlueTrial:
     """How it ran: 'sequential' (one trial after another) or 'side-by-side' (stacked with others)."""
     trials_together: int | None = None
     """Side by side: how many trials its group stacked (left out of the file otherwise)."""
+    unpadded: bool = False
+    """Whether its token-wise work ran on the real tokens only (glue.unpadded); the scores are the same."""
 
     def to_json(self) -> dict[str, Any]:
         return {**_json_of(self, omit_none=("trials_together",)), "epochs": [e.to_json() for e in self.epochs]}

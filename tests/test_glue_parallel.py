@@ -1,4 +1,4 @@
-"""Side-by-side GLUE trials (cramming.glue.parallel), bucketed padding and `cram bench glue`.
+"""Side-by-side GLUE trials (cramming.glue.parallel), bucketed padding and `cram bench glue`'s modes.
 
 The equivalence tests run a task's trials one after another and side by side on a tiny model and
 the shipped task subsets (cramming/assets/glue_demo): RTE (classification) and STS-B (regression).
@@ -222,26 +222,44 @@ def test_cuda_out_of_memory_gives_the_group_up(monkeypatch):
         side_by_side(CPU)
 
 
-def test_cram_bench_glue_reports_both_modes_and_a_projection(tmp_path, capsys):
+def test_cram_bench_glue_reports_every_mode_and_a_projection(tmp_path, capsys):
     from cramming.bench import main as bench_main
 
     out = tmp_path / "glue.json"
-    code = bench_main(["glue", "--arch", "tiny", "--tasks", "rte", "--trials", "2", "--steps", "1", "--repeats", "2",
+    code = bench_main(["glue", "--arch", "tiny", "--tasks", "rte", "--trials", "2", "--steps", "1", "--repeats", "3",
                        "--warmup", "0", "--threads", "1", "--out", str(out)])
     assert code == 0
     text = capsys.readouterr().out
     assert "| rte | 2490 |" in text and "| mnli (proxy) | 392,702 | 245,440 |" in text
+    assert "unpadded speed-up" in text and "side-by-side speed-up" in text
     report = json.loads(out.read_text())
     rte = report["tasks"]["rte"]
-    assert set(rte["modes"]) == {"sequential", "side-by-side"} and len(rte["speedups"]) == 2
-    assert rte["modes"]["side-by-side"]["trials_per_step"] == 2
-    for mode in ("sequential", "side-by-side"):
+    assert report["modes"] == ["sequential", "unpadded", "side-by-side"] == list(rte["modes"])
+    assert rte["modes"]["side-by-side"]["trials_per_step"] == 2 and rte["modes"]["unpadded"]["trials_per_step"] == 1
+    base = rte["modes"]["sequential"]["blocks"]
+    assert rte["modes"]["sequential"]["speedup"] is None
+    for mode in ("unpadded", "side-by-side"):
+        blocks = rte["modes"][mode]["blocks"]
+        assert rte["modes"][mode]["speedups"] == pytest.approx([b / a for a, b in zip(base, blocks, strict=True)])
+        assert len(blocks) == 3
+    for mode in report["modes"]:
         rate = rte["modes"][mode]["optimizer_steps_per_s"]
         assert rte["modes"][mode]["sequences_per_s"] == pytest.approx(16 * rate)
         # 2 trials x 5 epochs x ceil(2490 / 16) steps at the measured rate
         assert report["projection"]["tasks"]["rte"][f"{mode}_h"] == pytest.approx(2 * 5 * 156 / rate / 3600)
     assert report["projection"]["trial_steps"] == sum(2 * 5 * -(-n // 16) for n in
                                                       (8551, 67349, 3668, 5749, 363846, 392702, 104743, 2490))
+
+
+def test_cram_bench_glue_times_only_the_modes_asked_for(tmp_path):
+    from cramming.bench import main as bench_main
+
+    out = tmp_path / "glue.json"
+    assert bench_main(["glue", "--arch", "tiny", "--tasks", "rte", "--modes", "unpadded", "sequential", "--steps", "1",
+                       "--repeats", "2", "--warmup", "0", "--threads", "1", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["modes"] == ["sequential", "unpadded"] == list(report["tasks"]["rte"]["modes"])
+    assert set(report["projection"]["total_h"]) == {"sequential", "unpadded"}
 
 
 @pytest.mark.slow

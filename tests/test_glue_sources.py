@@ -266,6 +266,9 @@ def test_errors_name_what_is_wrong_before_training(checkpoints, tmp_path):
         _source(checkpoints["roberta"], max_seq_len=128)
     with pytest.raises(CrammingError, match="glue.revision is for a hub id"):
         _source(bert, revision="main")
+    unpadded = GlueConfig(tasks=["rte"], data_dir=str(GLUE_DIR), max_seq_len=64, unpadded=True)
+    with pytest.raises(CrammingError, match="only crammed models have an unpadded path.*leave glue.unpadded at null"):
+        F.run_glue(unpadded, _source(bert), tmp_path, GpuProfile())
 
 
 def test_cli_refuses_a_folder_that_is_not_a_model(tmp_path, monkeypatch, capsys):

@@ -129,6 +129,14 @@ class GlueConfig:
     schedule per trial as one after another): true, false (one after another), or null = side by side on
     CUDA, one after another on CPU (not faster there; docs/benchmarks.md). fp16 always runs them one after
     another, and a group that does not fit in memory falls back to that (logged)."""
+    unpadded: bool | None = None
+    """Run a crammed model's token-wise work (embeddings, projections, feed-forward, norms) on the real
+    tokens only, attention per sequence, in training and evaluation: the same steps and scores as padded
+    batches (relative 1e-5, tested), fewer FLOPs on short-sentence tasks (docs/benchmarks.md). true,
+    false, or null = wherever it applies: trials one after another whose step is eager (the CPU, or CUDA
+    without gpu.compile). true also runs compiled profiles' trials eager and one after another (the token
+    count is a data-dependent shape, which neither a static compiled graph nor side-by-side trials take);
+    transformers checkpoints cannot use it."""
     pad_buckets: int = 4
     """Padding widths of a compiled step (CUDA with gpu.compile): a batch is padded to the smallest of this
     many widths up to max_seq_len that holds it (1 = always max_seq_len), so the compiled step sees a few
@@ -171,6 +179,9 @@ class GlueConfig:
             (self.max_seq_len >= 4, f"max_seq_len must be >= 4 ([CLS] a [SEP] b [SEP]), got {self.max_seq_len}"),
             *((v is None or int(v) >= 1, f"{k} must be >= 1 or null, got {v}") for k, v in limits.items()),
             (self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}"),
+            (not (self.unpadded and self.parallel_trials),
+             "unpadded=true and parallel_trials=true cannot both hold: side-by-side trials need padded batches "
+             "(vmap takes no data-dependent token layout); drop one of them"),
             (1 <= self.pad_buckets <= self.max_seq_len,
              f"pad_buckets must be between 1 and glue.max_seq_len={self.max_seq_len}, got {self.pad_buckets}"),
         ])

@@ -1,16 +1,20 @@
-"""`cram bench glue`: finetuning throughput per GLUE task, trials one after another vs side by side,
-and the projected time of one checkpoint's full GLUE evaluation.
+"""`cram bench glue`: finetuning throughput per GLUE task in each way `cram glue` can run trials (one
+after another padded or unpadded, side by side), and the projected time of one checkpoint's full GLUE
+evaluation.
 
     cram bench glue                                    # CPU, the demo arch, the shipped task subsets
     cram bench glue --device cuda --precision bf16 --compile --arch crammed-bert
     cram bench glue --ckpt outputs/pretrain/<run>/final --data-dir <GLUE folder>
 
-Both modes run the finetuning code's own steps (`TrialTrainer.step`, `GroupTrainer.step`: forward,
+Every mode runs the finetuning code's own steps (`TrialTrainer.step`, `GroupTrainer.step`: forward,
 backward, clipping, AdamW, schedule) on the task's real batches in the recipe's order (batch 16,
 dropout 0.1, bucketed padding where compiled). One trial stands for trials one after another (each
-has the same steps); side by side, the N trials' steps run as one stacked step. Timed blocks of the
-two modes alternate (A B, B A, ...) after an untimed warm-up that also compiles every bucket width;
-rates are medians over blocks, the speed-up the median of the per-block ratios.
+has the same steps): `sequential` pads each batch (to its longest example eager, to the bucket widths
+compiled), `unpadded` runs the model's token-wise work on the real tokens only (glue.unpadded, always
+eager); side by side, the N trials' steps run as one stacked step. Timed blocks of the modes take
+turns in a rotating order (A B C, B C A, ...) after an untimed warm-up that also compiles every
+bucket width; rates are medians over blocks, each mode's speed-up the median of its per-block ratios
+to `sequential`.
 
 Optimizer steps/s counts trial steps (a stacked step of N trials is N); sequences/s is 16 x that.
 The projection multiplies each task's measured time per trial step by the recipe's step count on
@@ -46,12 +50,13 @@ from cramming.glue.batching import bucket_widths, make_loader, padding_waste
 from cramming.glue.encoding import encode_with_cls_sep
 from cramming.glue.parallel import DoesNotFit, GroupTrainer, build_stack, cpu_memory_check
 from cramming.glue.tasks import GLUE_TASKS, TASK_SPECS, TaskData, load_task
-from cramming.glue.training import TrialTrainer, seed_everything, train_collate
+from cramming.glue.training import TrialTrainer, compiles, seed_everything, train_collate
 from cramming.gpu import Fixes, GpuProfile, require_runnable
 from cramming.runs import GLUE_TRAIN_ROWS
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "glue_demo"
-MODES = ("sequential", "side-by-side")
+MODES = ("sequential", "unpadded", "side-by-side")
+BASELINE = "sequential"
 # What `cram bench glue` users type instead when this machine cannot run what they asked for.
 BENCH_FIXES = Fixes(cpu="--device cpu (the default without CUDA)", no_bf16="--precision fp32")
 
@@ -65,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_arch_options(p, "demo", "arch preset without --ckpt (configs/arch/*.yaml)", seq_len_help="glue.max_seq_len")
     p.add_argument("--data-dir", type=Path, default=ASSETS, help="GLUE folder (official layout); default: the shipped subsets")
     p.add_argument("--tasks", nargs="*", help="default: every GLUE task with data in --data-dir")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                   help="the ways to run trials to time (default: all; sequential is the baseline of the speed-ups)")
     p.add_argument("--trials", type=int, default=5)
     p.add_argument("--steps", type=int, default=10, help="optimizer steps per timed block (per trial)")
     p.add_argument("--repeats", type=int, default=3, help="timed blocks per mode (median reported)")
@@ -159,7 +166,8 @@ def prepare_mode(name: str, task: TaskData, encoded: Any, make_model: Callable[[
     device = torch.device(profile.device)
     spec, regression = task.spec, task.spec.kind == "regression"
     seeds = list(range(trials if name == "side-by-side" else 1))
-    collate = train_collate(pad_id, regression, gcfg, profile)
+    unpadded = name == "unpadded"
+    collate = train_collate(pad_id, regression, gcfg, compiles(profile) and not unpadded)
     loaders = [make_loader(encoded.input_ids, encoded.labels, gcfg.batch_size, list, True, s, 0) for s in seeds]
     total = gcfg.epochs * len(loaders[0])
     if name == "side-by-side":
@@ -173,7 +181,7 @@ def prepare_mode(name: str, task: TaskData, encoded: Any, make_model: Callable[[
     else:
         seed_everything(0)
         model = make_model(spec.num_labels).to(device).train()
-        trainer = TrialTrainer.build(model, gcfg, profile, total, regression)
+        trainer = TrialTrainer.build(model, gcfg, profile, total, regression, unpadded)
 
         def batch_of(group: tuple, width: int | None = None) -> dict[str, torch.Tensor]:
             return collate(group[0]) if width is None else collate.pad(group[0], width)
@@ -208,7 +216,7 @@ def time_block(run: ModeRun, steps: int, device: torch.device) -> float:
 
 def bench_task(task: TaskData, encoded: Any, make_model: Callable[[int], nn.Module], pad_id: int, gcfg: GlueConfig,
                profile: GpuProfile, args: argparse.Namespace) -> dict[str, Any]:
-    """Both modes on one task, timed blocks interleaved; rates, speed-up and padding waste."""
+    """The modes on one task, timed blocks interleaved; rates, speed-ups and padding waste."""
     device = torch.device(profile.device)
     lengths = [len(ids) for ids in encoded.input_ids]
     buckets = bucket_widths(gcfg.max_seq_len, gcfg.pad_buckets)
@@ -216,24 +224,22 @@ def bench_task(task: TaskData, encoded: Any, make_model: Callable[[int], nn.Modu
     out: dict[str, Any] = {"train_rows": len(lengths), "mean_tokens": sum(lengths) / len(lengths),
                            "padding_waste": {k: v.waste for k, v in waste.items()}, "modes": {}}
     runs: list[ModeRun] = []
-    for name in MODES:
+    for name in args.modes:
         try:
             runs.append(prepare_mode(name, task, encoded, make_model, pad_id, gcfg, profile, args.trials, args.warmup))
         except (torch.OutOfMemoryError, DoesNotFit) as err:
             out["modes"][name] = {"error": f"does not fit: {str(err).splitlines()[0]}"}
-    ratios = []
     for r in range(args.repeats):
-        order = runs if r % 2 == 0 else runs[::-1]
-        rates = {run.name: time_block(run, args.steps, device) for run in order}
-        if len(rates) == 2:
-            ratios.append(rates["side-by-side"] / rates["sequential"])
+        for run in runs[r % len(runs):] + runs[:r % len(runs)]:  # each mode first in turn
+            time_block(run, args.steps, device)
+    base = next((run for run in runs if run.name == BASELINE), None)
     for run in runs:
+        ratios = [rate / b for rate, b in zip(run.rates, base.rates, strict=True)] if base and run is not base else []
         rate = statistics.median(run.rates)
         out["modes"][run.name] = {"trials_per_step": run.trials, "optimizer_steps_per_s": rate,
                                   "sequences_per_s": rate * gcfg.batch_size, "warmup_s": run.warmup_s,
-                                  "blocks": run.rates}
-    out["speedup"] = statistics.median(ratios) if ratios else None
-    out["speedups"] = ratios
+                                  "blocks": run.rates, "speedups": ratios,
+                                  "speedup": statistics.median(ratios) if ratios else None}
     return out
 
 
@@ -243,25 +249,25 @@ def bench_task(task: TaskData, encoded: Any, make_model: Callable[[int], nn.Modu
 
 
 def project(measured: dict[str, dict[str, Any]], pair_tasks: set[str], trials: int, epochs: int,
-            batch_size: int) -> dict[str, Any]:
+            batch_size: int, modes: list[str]) -> dict[str, Any]:
     """Hours of the recipe's training steps on the full GLUE training sets, per task and mode."""
     def rate(task: str, mode: str) -> float | None:
         return (measured.get(task, {}).get("modes", {}).get(mode) or {}).get("optimizer_steps_per_s")
 
     proxies = {}
-    for mode in MODES:
+    for mode in modes:
         pair = [r for t in sorted(pair_tasks) if (r := rate(t, mode)) is not None]
         proxies[mode] = statistics.median(pair) if pair else None
     rows = {}
     for task, n in GLUE_TRAIN_ROWS.items():
         steps = trials * epochs * math.ceil(n / batch_size)
         row: dict[str, Any] = {"train_rows": n, "trial_steps": steps, "proxy": task not in measured}
-        for mode in MODES:
+        for mode in modes:
             r = rate(task, mode) if task in measured else proxies[mode]
             row[f"{mode}_h"] = steps / r / 3600 if r else None
         rows[task] = row
     totals = {}
-    for mode in MODES:
+    for mode in modes:
         hours = [row[f"{mode}_h"] for row in rows.values()]
         totals[mode] = None if None in hours else sum(hours)
     return {"tasks": rows, "total_h": totals, "proxy_tasks": sorted(pair_tasks & set(measured)),
@@ -273,32 +279,36 @@ def _fmt(v: Any, spec: str) -> str:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    """The per-task table (padding, both modes, speed-up) and the full-GLUE projection."""
+    """The per-task table (padding, each mode's rates and speed-up) and the full-GLUE projection."""
+    modes = report["modes"]
     lines = [f"device: {report['device_name']} ({report['device']}, {report['precision']}, "
              f"{'compiled' if report['compile'] else 'eager'}); model: {report['model']['source']}; "
              f"{report['trials']} trials, batch {report['batch_size']}; {report['date']}", "",
-             "| task | rows | mean tokens | padding: longest / buckets / side-by-side | sequential seq/s | sequential steps/s "
-             "| side-by-side seq/s | side-by-side steps/s | speed-up |", "|---" * 9 + "|"]
+             "| task | rows | mean tokens | padding: longest / buckets / side-by-side | "
+             + " | ".join(f"{m} steps/s | {m} seq/s" + ("" if m == BASELINE else f" | {m} speed-up") for m in modes)
+             + " |", "|---" * (4 + sum(2 if m == BASELINE else 3 for m in modes)) + "|"]
     for name, t in report["tasks"].items():
         w = t["padding_waste"]
-        seq, sbs = t["modes"].get("sequential", {}), t["modes"].get("side-by-side", {})
         side = w["side-by-side buckets"] if report["compile"] else w["side-by-side longest"]
-        lines.append(f"| {name} | {t['train_rows']} | {t['mean_tokens']:.1f} | {w['longest']:.0%} / {w['buckets']:.0%} / "
-                     f"{side:.0%} | {_fmt(seq.get('sequences_per_s'), ',.0f')} | {_fmt(seq.get('optimizer_steps_per_s'), '.2f')} "
-                     f"| {_fmt(sbs.get('sequences_per_s'), ',.0f')} | {_fmt(sbs.get('optimizer_steps_per_s'), '.2f')} "
-                     f"| {_fmt(t['speedup'], '.2f')}x |")
+        cells = [name, str(t["train_rows"]), f"{t['mean_tokens']:.1f}", f"{w['longest']:.0%} / {w['buckets']:.0%} / {side:.0%}"]
+        for mode in modes:
+            m = t["modes"].get(mode, {})
+            cells += [_fmt(m.get("optimizer_steps_per_s"), ".2f"), _fmt(m.get("sequences_per_s"), ",.0f")]
+            if mode != BASELINE:
+                cells.append(_fmt(m.get("speedup"), ".2f") + ("x" if m.get("speedup") else ""))
+        lines.append("| " + " | ".join(cells) + " |")
     errors = [f"{name} {mode}: {m['error']}" for name, t in report["tasks"].items() for mode, m in t["modes"].items()
               if "error" in m]
     lines += ["", *errors] if errors else []
     proj = report["projection"]
     lines += ["", f"Full GLUE ({proj['trial_steps']:,} trial steps of batch {report['batch_size']}), training steps only:", "",
-              "| task | train rows | trial steps | sequential h | side-by-side h |", "|---|---:|---:|---:|---:|"]
+              "| task | train rows | trial steps | " + " | ".join(f"{m} h" for m in modes) + " |",
+              "|---|---:|---:|" + "---:|" * len(modes)]
     for name, row in proj["tasks"].items():
         mark = " (proxy)" if row["proxy"] else ""
-        lines.append(f"| {name}{mark} | {row['train_rows']:,} | {row['trial_steps']:,} | {_fmt(row['sequential_h'], '.2f')} "
-                     f"| {_fmt(row['side-by-side_h'], '.2f')} |")
-    total = proj["total_h"]
-    lines.append(f"| total | | | {_fmt(total['sequential'], '.1f')} | {_fmt(total['side-by-side'], '.1f')} |")
+        lines.append(f"| {name}{mark} | {row['train_rows']:,} | {row['trial_steps']:,} | "
+                     + " | ".join(_fmt(row[f"{m}_h"], ".2f") for m in modes) + " |")
+    lines.append("| total | | | " + " | ".join(_fmt(proj["total_h"][m], ".1f") for m in modes) + " |")
     if any(r["proxy"] for r in proj["tasks"].values()):
         lines += ["", f"(proxy): no data for the task here; median rate of the measured pair tasks {', '.join(proj['proxy_tasks'])}."]
     return "\n".join(lines)
@@ -309,6 +319,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     profile = GpuProfile(name="bench", device=device.type, precision=args.precision if device.type == "cuda" else "fp32",
                          compile=args.compile and device.type == "cuda")
     require_runnable(profile, f"--device {args.device} --precision {args.precision}", BENCH_FIXES)
+    args.modes = [m for m in MODES if m in args.modes]  # the table's order, however they were typed
     if args.threads:
         torch.set_num_threads(args.threads)
     names = args.tasks or [t for t in GLUE_TASKS if (args.data_dir / TASK_SPECS[t].folder).is_dir()]
@@ -321,7 +332,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         pad_id = int(tokenizer.convert_tokens_to_ids("[PAD]"))
         results = {}
         for task in tasks:
-            print(f"{task.spec.name}: timing {' and '.join(MODES)} ...", file=sys.stderr)
+            print(f"{task.spec.name}: timing {', '.join(args.modes)} ...", file=sys.stderr)
             encoded = encode_with_cls_sep(tokenizer, task.train, gcfg.max_seq_len)
             results[task.spec.name] = bench_task(task, encoded, make_model, pad_id, gcfg, profile, args)
             if profile.compile:
@@ -332,9 +343,10 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "date": datetime.date.today().isoformat(), "argv": list(sys.argv), "torch": torch.__version__,
         "device": device.type, "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "threads": torch.get_num_threads(), "precision": profile.precision, "compile": profile.compile,
-        "model": model, "trials": args.trials, "batch_size": gcfg.batch_size, "pad_buckets": gcfg.pad_buckets,
-        "data_dir": str(args.data_dir), "tasks": results, "peak_gpu_mb_both_modes": peak,
-        "projection": project(results, pairs, args.trials, gcfg.epochs, gcfg.batch_size),
+        "model": model, "modes": args.modes, "trials": args.trials, "batch_size": gcfg.batch_size,
+        "pad_buckets": gcfg.pad_buckets,
+        "data_dir": str(args.data_dir), "tasks": results, "peak_gpu_mb_all_modes": peak,
+        "projection": project(results, pairs, args.trials, gcfg.epochs, gcfg.batch_size, args.modes),
     }
 
 

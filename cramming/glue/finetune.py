@@ -36,9 +36,9 @@ from cramming.glue import GlueConfig, parallel
 from cramming.glue import metrics as M
 from cramming.glue.encoding import Encoded
 from cramming.glue.epochs import DevSets, Trials, run_epochs
-from cramming.glue.sources import Source, resolve_source
+from cramming.glue.sources import CRAMMED, Source, resolve_source
 from cramming.glue.tasks import TaskData, TaskSpec, load_custom_task, load_task
-from cramming.glue.training import TrialLog, TrialTrainer, compiles, seed_everything, train_collate
+from cramming.glue.training import TrialLog, TrialTrainer, compiles, seed_everything, train_collate, unpads
 from cramming.gpu import GpuProfile, require_runnable, resolve_gpu
 from cramming.optim.precision import effective_precision
 from cramming.runs import GlueResults, GlueRunInfo, GlueTask, GlueTrial
@@ -48,10 +48,10 @@ log = logging.getLogger(__name__)
 
 # Config fields that change what a trial computes; the rest (which tasks, how many trials, loader
 # workers, export, eval batch size, logging every epoch, padding widths, trials side by side or not,
-# and how the checkpoint is fetched, which its weights' checksum covers) can change between a run and
-# its resume. Each trial's record says how it ran ("mode").
+# padded or unpadded, and how the checkpoint is fetched, which its weights' checksum covers) can change
+# between a run and its resume. Each trial's record says how it ran ("mode", "unpadded").
 _RESUME_IGNORED = ("tasks", "custom_tasks", "trials", "seeds", "num_workers", "export_finetuned",
-                   "eval_batch_size", "eval_every_epoch", "pad_buckets", "parallel_trials", "revision",
+                   "eval_batch_size", "eval_every_epoch", "pad_buckets", "parallel_trials", "unpadded", "revision",
                    "trust_remote_code", "report_to")
 
 Encoding = tuple[Encoded, dict[str, Encoded]]
@@ -77,15 +77,16 @@ def finetune_trial(source: Source, spec: TaskSpec, train: Encoded, dev: dict[str
     regression = spec.kind == "regression"
     seed_everything(seed)
     model = source.make_model(spec.num_labels, gcfg.dropout).to(device)
-    loader = train.loader(gcfg.batch_size, train_collate(source.pad_id, regression, gcfg, profile), True, seed,
-                          gcfg.num_workers)
+    unpadded = unpads(gcfg, profile, model)
+    collate = train_collate(source.pad_id, regression, gcfg, compiles(profile) and not unpadded)
+    loader = train.loader(gcfg.batch_size, collate, True, seed, gcfg.num_workers)
     total_steps = gcfg.epochs * len(loader)
-    trainer = TrialTrainer.build(model, gcfg, profile, total_steps, regression)
+    trainer = TrialTrainer.build(model, gcfg, profile, total_steps, regression, unpadded)
     trial = TrialLog(seed, label, gcfg.epochs)
     start = time.perf_counter()
     run_epochs(Trials(trainer, lambda: iter(loader), len(loader), [model], [trial]),
                DevSets.of(spec, dev, source.pad_id, gcfg, profile), gcfg, label)
-    return trial.result(time.perf_counter() - start, total_steps, "sequential"), model
+    return trial.result(time.perf_counter() - start, total_steps, "sequential", unpadded=unpadded), model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,6 +181,9 @@ def run_glue(gcfg: GlueConfig, source: Source, out_dir: Path, profile: GpuProfil
     the final GLUE summary. Returns the results; `cramming.report` renders them."""
     tracked = tracked or Trackers({})
     require_runnable(profile)
+    if gcfg.unpadded and source.record.model_type != CRAMMED:
+        raise ConfigError(f"glue.unpadded=true: only crammed models have an unpadded path, and {source.path} is a "
+                          f"{source.record.model_type} checkpoint; leave glue.unpadded at null (padded batches)")
     tasks = load_all_tasks(gcfg)
     key = resume_key(gcfg, source, profile, base_seed)
     previous = _load_previous(out_dir, key)

@@ -83,7 +83,7 @@ def wanted(gcfg: GlueConfig, profile: GpuProfile, trials: int) -> bool:
     fp16 always runs trials one after another: its loss scaler skips the optimizer step of every
     stacked trial when one trial's gradients overflow, which would couple the trials.
     """
-    if trials < 2 or gcfg.parallel_trials is False:
+    if trials < 2 or gcfg.parallel_trials is False or gcfg.unpadded:  # unpadded=true: one after another
         return False
     if effective_precision(torch.device(profile.device), profile.precision) == "fp16":
         if gcfg.parallel_trials:
@@ -362,7 +362,7 @@ def _train_group(make_model: Callable[[], nn.Module], pad_id: int, spec: TaskSpe
     regression = spec.kind == "regression"
     start = time.perf_counter()
     stack = build_stack(make_model, seeds, device, cpu_memory_check(len(seeds), gcfg) if device.type == "cpu" else None)
-    collate = train_collate(pad_id, regression, gcfg, profile)
+    collate = train_collate(pad_id, regression, gcfg, compiles(profile))
     # One loader per trial, shuffled by its own seed: a trial's batches are its sequential run's.
     loaders = [train.loader(gcfg.batch_size, list, True, s, gcfg.num_workers) for s in seeds]
     total_steps = gcfg.epochs * len(loaders[0])

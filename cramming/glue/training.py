@@ -44,9 +44,18 @@ def compiles(profile: GpuProfile) -> bool:
     return profile.device == "cuda" and profile.compile
 
 
-def train_collate(pad_id: int, regression: bool, gcfg: GlueConfig, profile: GpuProfile) -> Collate:
-    """Training batches padded to the bucket widths where the step is compiled, to the longest example elsewhere."""
-    return Collate(pad_id, regression, bucket_widths(gcfg.max_seq_len, gcfg.pad_buckets) if compiles(profile) else ())
+def unpads(gcfg: GlueConfig, profile: GpuProfile, model: nn.Module) -> bool:
+    """Whether a trial run one after another takes the model's unpadded path (glue.unpadded): null = where
+    the step is eager. Only crammed models have that path (`run_glue` refuses unpadded=true for others)."""
+    if not hasattr(model, "use_unpadding"):
+        return False
+    return gcfg.unpadded if gcfg.unpadded is not None else not compiles(profile)
+
+
+def train_collate(pad_id: int, regression: bool, gcfg: GlueConfig, compiled: bool) -> Collate:
+    """Training batches padded to the bucket widths for a compiled step (its static shapes), to the
+    longest example for an eager one."""
+    return Collate(pad_id, regression, bucket_widths(gcfg.max_seq_len, gcfg.pad_buckets) if compiled else ())
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -108,11 +117,15 @@ class TrialTrainer:
 
     @classmethod
     def build(cls, model: nn.Module, gcfg: GlueConfig, profile: GpuProfile, total_steps: int,
-              regression: bool) -> TrialTrainer:
+              regression: bool, unpadded: bool = False) -> TrialTrainer:
+        """`unpadded`: switch the model to its unpadded path (training and evaluation), whose step stays
+        eager: the token count is a data-dependent shape."""
         device = torch.device(profile.device)
         optimizer = make_optimizer(model.parameters(), gcfg, device)
         scaler = grad_scaler(device, profile.precision)  # enabled for fp16 on CUDA only
-        fast = torch.compile(model, dynamic=False) if compiles(profile) else model
+        if unpadded:
+            model.use_unpadding(True)
+        fast = torch.compile(model, dynamic=False) if compiles(profile) and not unpadded else model
         return cls(model, fast, optimizer, make_scheduler(optimizer, gcfg, total_steps), scaler, gcfg, profile, regression)
 
     def step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -160,7 +173,8 @@ class TrialLog:
         if not math.isfinite(train_loss):
             self.loss_notes.append(f"non-finite training loss in epoch {epoch}")
 
-    def result(self, seconds: float, steps: int, mode: str, together: int | None = None) -> GlueTrial:
+    def result(self, seconds: float, steps: int, mode: str, together: int | None = None,
+               unpadded: bool = False) -> GlueTrial:
         """The trial's entry in the results file; `together`: the size of its side-by-side group."""
         return GlueTrial(self.seed, self.final, self.epochs, [*self.eval_notes, *self.loss_notes], round(seconds, 3),
-                         steps, mode, together)
+                         steps, mode, together, unpadded)
