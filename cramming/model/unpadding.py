@@ -74,15 +74,22 @@ class Unpadded:
     def dropout(self, x: torch.Tensor, p: float, training: bool, rows: Rows | None = None) -> torch.Tensor:
         """Dropout on packed rows x [N, H] (the tokens, or `rows`) with the padded path's mask.
 
-        Dropout of a tensor of ones in the padded batch's shape and dtype gives the factors (0 or
-        1 / (1 - p)) that dropout of the padded tensor multiplies by, drawing the same random numbers;
-        the rows' entries of it are applied: the same entries dropped, and every later draw matches too.
-        The price is drawing B * L * H numbers rather than N * H (a serial loop in torch's CPU dropout).
+        The mask is drawn at the padded batch's shape and dtype, as dropout of the padded tensor draws
+        it, and its rows' entries are applied: the same entries dropped, and every later draw matches
+        too. The price is drawing B * L * H numbers rather than N * H.
         """
         if not training or p == 0.0:
             return x
-        scale = F.dropout(x.new_ones(self.shape[0] * self.shape[1], *x.shape[1:]), p, training=True)
-        return x * scale.index_select(0, (rows or self.tokens).index)
+        index = (rows or self.tokens).index
+        shape = (self.shape[0] * self.shape[1], *x.shape[1:])
+        if x.device.type == "cpu":
+            # torch's CPU dropout is `input * empty_like(input).bernoulli_(1 - p).div_(1 - p)`: the same
+            # draw, scaled on the kept rows only (bitwise the same factors; measured 1.6-2x faster
+            # than dropout of a tensor of ones, which multiplies and divides all B * L * H entries).
+            keep = x.new_empty(shape).bernoulli_(1.0 - p)
+            return x * keep.index_select(0, index).div_(1.0 - p)
+        # Elsewhere dropout may be a fused kernel with its own draws (CUDA's): dropout of ones gives its factors.
+        return x * F.dropout(x.new_ones(shape), p, training=True).index_select(0, index)
 
 
 def unpad(attention_mask: torch.Tensor) -> Unpadded:
