@@ -229,7 +229,7 @@ def bench_task(task: TaskData, encoded: Any, make_model: Callable[[int], nn.Modu
             runs.append(prepare_mode(name, task, encoded, make_model, pad_id, gcfg, profile, args.trials, args.warmup))
         except (torch.OutOfMemoryError, DoesNotFit) as err:
             out["modes"][name] = {"error": f"does not fit: {str(err).splitlines()[0]}"}
-    for r in range(args.repeats):
+    for r in range(args.repeats if runs else 0):
         for run in runs[r % len(runs):] + runs[:r % len(runs)]:  # each mode first in turn
             time_block(run, args.steps, device)
     base = next((run for run in runs if run.name == BASELINE), None)
