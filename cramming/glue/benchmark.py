@@ -50,7 +50,7 @@ from cramming.glue.batching import bucket_widths, make_loader, padding_waste
 from cramming.glue.encoding import encode_with_cls_sep
 from cramming.glue.parallel import DoesNotFit, GroupTrainer, build_stack, cpu_memory_check
 from cramming.glue.tasks import GLUE_TASKS, TASK_SPECS, TaskData, load_task
-from cramming.glue.training import TrialTrainer, compiles, seed_everything, train_collate
+from cramming.glue.training import TrialTrainer, compiled_step, seed_everything, train_collate
 from cramming.gpu import Fixes, GpuProfile, require_runnable
 from cramming.runs import GLUE_TRAIN_ROWS
 
@@ -167,7 +167,7 @@ def prepare_mode(name: str, task: TaskData, encoded: Any, make_model: Callable[[
     spec, regression = task.spec, task.spec.kind == "regression"
     seeds = list(range(trials if name == "side-by-side" else 1))
     unpadded = name == "unpadded"
-    collate = train_collate(pad_id, regression, gcfg, compiles(profile) and not unpadded)
+    collate = train_collate(pad_id, regression, gcfg, compiled_step(profile, unpadded))
     loaders = [make_loader(encoded.input_ids, encoded.labels, gcfg.batch_size, list, True, s, 0) for s in seeds]
     total = gcfg.epochs * len(loaders[0])
     if name == "side-by-side":

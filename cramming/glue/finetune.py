@@ -38,7 +38,15 @@ from cramming.glue.encoding import Encoded
 from cramming.glue.epochs import DevSets, Trials, run_epochs
 from cramming.glue.sources import CRAMMED, Source, resolve_source
 from cramming.glue.tasks import TaskData, TaskSpec, load_custom_task, load_task
-from cramming.glue.training import TrialLog, TrialTrainer, compiles, seed_everything, train_collate, unpads
+from cramming.glue.training import (
+    TrialLog,
+    TrialTrainer,
+    compiled_step,
+    compiles,
+    seed_everything,
+    train_collate,
+    unpads,
+)
 from cramming.gpu import GpuProfile, require_runnable, resolve_gpu
 from cramming.optim.precision import effective_precision
 from cramming.runs import GlueResults, GlueRunInfo, GlueTask, GlueTrial
@@ -78,7 +86,7 @@ def finetune_trial(source: Source, spec: TaskSpec, train: Encoded, dev: dict[str
     seed_everything(seed)
     model = source.make_model(spec.num_labels, gcfg.dropout).to(device)
     unpadded = unpads(gcfg, profile, model)
-    collate = train_collate(source.pad_id, regression, gcfg, compiles(profile) and not unpadded)
+    collate = train_collate(source.pad_id, regression, gcfg, compiled_step(profile, unpadded))
     loader = train.loader(gcfg.batch_size, collate, True, seed, gcfg.num_workers)
     total_steps = gcfg.epochs * len(loader)
     trainer = TrialTrainer.build(model, gcfg, profile, total_steps, regression, unpadded)

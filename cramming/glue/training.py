@@ -44,6 +44,12 @@ def compiles(profile: GpuProfile) -> bool:
     return profile.device == "cuda" and profile.compile
 
 
+def compiled_step(profile: GpuProfile, unpadded: bool) -> bool:
+    """Whether a trial's step is compiled: where the profile compiles, unless it runs unpadded (the
+    token count is a data-dependent shape, so that step stays eager)."""
+    return compiles(profile) and not unpadded
+
+
 def unpads(gcfg: GlueConfig, profile: GpuProfile, model: nn.Module) -> bool:
     """Whether a trial run one after another takes the model's unpadded path (glue.unpadded): null = where
     the step is eager. Only crammed models have that path (`run_glue` refuses unpadded=true for others)."""
@@ -125,7 +131,7 @@ class TrialTrainer:
         scaler = grad_scaler(device, profile.precision)  # enabled for fp16 on CUDA only
         if unpadded:
             model.use_unpadding(True)
-        fast = torch.compile(model, dynamic=False) if compiles(profile) and not unpadded else model
+        fast = torch.compile(model, dynamic=False) if compiled_step(profile, unpadded) else model
         return cls(model, fast, optimizer, make_scheduler(optimizer, gcfg, total_steps), scaler, gcfg, profile, regression)
 
     def step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
